@@ -1,0 +1,31 @@
+"""engm_fast: fast per-example gradient norms and reweighted gradients for robust training.
+
+Public API:
+  * :func:`per_example_grad_norms` ``(model, losses) -> [B]``
+  * :class:`ENGM`: example-normalized SGD with momentum (``opt.backward(losses); opt.step()``)
+  * :func:`attach` / :func:`detach`: the one-backward per-example engine of a model
+  * :mod:`engm_fast.ops`: the ``per_example_sqnorm`` and ``weighted_outer_sum`` ops
+  * :func:`available_backends`, :func:`use_backend`: which implementation of the ops runs
+"""
+from ._backend import available_backends, current_backend, native_import_error, use_backend
+from . import ops, reference
+from .engine import PerExampleEngine, attach, detach, engine_of
+from .norms import per_example_grad_norms
+from .optim import ENGM
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ENGM",
+    "PerExampleEngine",
+    "attach",
+    "available_backends",
+    "current_backend",
+    "detach",
+    "engine_of",
+    "native_import_error",
+    "ops",
+    "per_example_grad_norms",
+    "reference",
+    "use_backend",
+]

@@ -1,0 +1,56 @@
+"""``per_example_grad_norms``: each example's gradient norm over a model's parameters."""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn as nn
+
+from .engine import engine_of
+from .engine.engine import _check_losses
+from .reference import accumulation_dtype
+
+__all__ = ["per_example_grad_norms"]
+
+
+def per_example_grad_norms(model: nn.Module, losses: torch.Tensor, retain_graph: bool = False) -> torch.Tensor:
+    """L2 norm of each example's gradient over all trainable parameters of ``model``.
+
+    With an engine attached (``engm_fast.attach(model)`` or an ``ENGM(model, ...)`` built before
+    the forward) this is one backward pass. Without one, it falls back to one backward per
+    example (exact, slow; a warning says so). Leaves every ``.grad`` as it was.
+
+    Args:
+        model: the model whose forward produced ``losses``.
+        losses: ``[B]`` per-example losses (not averaged).
+        retain_graph: keep the graph for a later backward.
+
+    Returns:
+        ``[B]`` float32 norms (float64 for a float64 model).
+
+    Example:
+        >>> import torch, engm_fast
+        >>> model = torch.nn.Linear(3, 1)
+        >>> engm_fast.attach(model)  # doctest: +ELLIPSIS
+        <...PerExampleEngine object at ...>
+        >>> losses = model(torch.randn(4, 3)).squeeze(1) ** 2
+        >>> engm_fast.per_example_grad_norms(model, losses).shape
+        torch.Size([4])
+    """
+    _check_losses(losses)
+    engine = engine_of(model)
+    if engine is not None:
+        return engine.backward(losses, retain_graph=retain_graph).sqnorms().sqrt()
+    warnings.warn(
+        "per_example_grad_norms: no engine is attached to this model, so each example takes its own "
+        "backward pass (slow). Call engm_fast.attach(model) before the forward for the one-backward engine.",
+        stacklevel=2,
+    )
+    params = [p for p in model.parameters() if p.requires_grad]
+    acc = accumulation_dtype(losses.dtype)
+    out = torch.zeros(losses.shape[0], dtype=acc, device=losses.device)
+    for i in range(losses.shape[0]):
+        keep = retain_graph or i + 1 < losses.shape[0]
+        grads = torch.autograd.grad(losses[i], params, retain_graph=keep, allow_unused=True)
+        out[i] = sum(g.to(acc).pow(2).sum() for g in grads if g is not None) if any(g is not None for g in grads) else 0.0
+    return out.sqrt()

@@ -1,0 +1,53 @@
+"""Per-example weights ``w_i = phi(||g_i||)`` of the ENGM family (DESIGN.md section 2).
+
+* ``"normalize"`` (default): ``w_i = 1 / (||g_i|| + eps)``: every example contributes a unit
+  direction; an all-zero gradient gets the finite weight ``1/eps``.
+* ``"clip"``: ``w_i = min(1, c / ||g_i||)`` (per-example clipping at ``clip_norm = c``).
+* ``"power"``: ``w_i = (||g_i|| + eps)^(-p)``: ``p = 0`` is plain momentum SGD (MSGD),
+  ``p = 1`` is ``"normalize"``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["WEIGHTINGS", "check_weighting", "example_weights"]
+
+WEIGHTINGS = ("normalize", "clip", "power")
+
+
+def check_weighting(weighting: str, eps: float, clip_norm: float | None, power: float | None) -> None:
+    """Validates a weighting configuration; raises ``ValueError`` naming the bad value."""
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    if not (eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"eps must be a positive finite number, got {eps!r}")
+    if weighting == "clip":
+        if clip_norm is None or not (clip_norm > 0 and math.isfinite(clip_norm)):
+            raise ValueError(f"weighting='clip' needs clip_norm > 0, got {clip_norm!r}")
+    elif clip_norm is not None:
+        raise ValueError(f"clip_norm={clip_norm!r} is only used with weighting='clip' (got {weighting!r})")
+    if weighting == "power":
+        if power is None or not (power >= 0 and math.isfinite(power)):
+            raise ValueError(f"weighting='power' needs power >= 0, got {power!r}")
+    elif power is not None:
+        raise ValueError(f"power={power!r} is only used with weighting='power' (got {weighting!r})")
+
+
+def example_weights(norms: torch.Tensor, weighting: str, eps: float = 1e-6,
+                    clip_norm: float | None = None, power: float | None = None) -> torch.Tensor:
+    """``w_i = phi(norms_i)`` for non-negative ``norms`` (``[B]``), in the dtype of ``norms``.
+
+    Example:
+        >>> example_weights(torch.tensor([0.0, 2.0]), "clip", clip_norm=1.0)
+        tensor([1.0000, 0.5000])
+    """
+    if weighting == "normalize":
+        return 1.0 / (norms + eps)
+    if weighting == "clip":
+        # c / max(n, tiny): a zero norm gives min(1, huge) = 1, never inf * 0.
+        return torch.clamp(clip_norm / norms.clamp_min(torch.finfo(norms.dtype).tiny), max=1.0)
+    if weighting == "power":
+        return (norms + eps).pow(-power)
+    raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")

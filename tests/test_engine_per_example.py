@@ -1,0 +1,342 @@
+"""The engine's per-example norms and reweighted gradients against a float64 torch.func reference,
+for every supported layer type, the fallback, multi-call modules and shared parameters."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import engm_fast
+from conftest import flat_norms, vmap_per_example_grads
+
+BACKENDS = engm_fast.available_backends()
+TOL = dict(rtol=1e-9, atol=1e-11)  # float64 throughout
+
+
+def _ce(run, x, y):
+    return F.cross_entropy(run(x), y, reduction="sum")
+
+
+def _check_model(model, x, y, backend="torch"):
+    """norms and sum_i w_i g_i from the engine == the vmap reference (random weights)."""
+    model = model.double()
+    x = x.double() if x.is_floating_point() else x
+    ref = vmap_per_example_grads(model, _ce, x, y)
+    engine = engm_fast.attach(model)
+    with engm_fast.use_backend(backend):
+        losses = F.cross_entropy(model(x), y, reduction="none")
+        grads = engine.backward(losses)
+        norms = grads.sqnorms().sqrt()
+        w = torch.rand(x.shape[0], dtype=torch.float64)
+        weighted = grads.weighted_grads(w)
+    torch.testing.assert_close(norms, flat_norms(ref), **TOL)
+    assert set(grads.names.values()) == set(ref), "every trainable parameter gets a gradient"
+    for p, g in weighted.items():
+        expect = torch.einsum("b,b...->...", w, ref[grads.names[p]])
+        torch.testing.assert_close(g, expect, **TOL, msg=lambda m: f"{grads.names[p]}: {m}")
+    engm_fast.detach(model)
+
+
+class Flatten(nn.Module):
+    def forward(self, x):
+        return x.reshape(x.shape[0], -1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("B", [1, 7])
+def test_mlp(B, backend):
+    model = nn.Sequential(nn.Linear(5, 9), nn.Tanh(), nn.Linear(9, 1, bias=False), nn.Tanh(), nn.Linear(1, 3))
+    _check_model(model, torch.randn(B, 5), torch.randint(0, 3, (B,)), backend=backend)
+
+
+class SeqModel(nn.Module):
+    """Linear on [B, T, d] (and [B, T1, T2, d]) inputs, mean-pooled."""
+
+    def __init__(self, extra_dim=False):
+        super().__init__()
+        self.inp = nn.Linear(6, 11)
+        self.norm = nn.LayerNorm(11)
+        self.out = nn.Linear(11, 4)
+        self.extra_dim = extra_dim
+
+    def forward(self, x):
+        h = self.norm(torch.tanh(self.inp(x)))
+        h = self.out(h)
+        return h.mean(dim=tuple(range(1, h.dim() - 1)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(5, 1, 6), (3, 13, 6), (4, 3, 5, 6)])
+def test_linear_leading_dims_and_layernorm(shape, backend):
+    _check_model(SeqModel(), torch.randn(*shape), torch.randint(0, 4, (shape[0],)), backend=backend)
+
+
+CONV_CASES = [
+    # (conv class, in shape (no batch), kwargs)
+    (nn.Conv1d, (3, 17), dict(out_channels=4, kernel_size=3)),
+    (nn.Conv1d, (4, 9), dict(out_channels=6, kernel_size=2, stride=2, padding=1, dilation=2, groups=2)),
+    (nn.Conv1d, (2, 8), dict(out_channels=3, kernel_size=4, padding="same", dilation=1)),
+    (nn.Conv2d, (3, 7, 9), dict(out_channels=5, kernel_size=3, padding=1)),
+    (nn.Conv2d, (4, 8, 7), dict(out_channels=4, kernel_size=(2, 3), stride=(2, 1), padding=(1, 0), dilation=(1, 2), groups=4)),
+    (nn.Conv2d, (2, 6, 6), dict(out_channels=3, kernel_size=4, padding="same", dilation=1, bias=False)),
+    (nn.Conv2d, (2, 5, 6), dict(out_channels=3, kernel_size=3, padding=1, padding_mode="reflect")),
+    (nn.Conv2d, (2, 5, 6), dict(out_channels=3, kernel_size=3, padding=2, padding_mode="circular")),
+    (nn.Conv2d, (1, 1, 1), dict(out_channels=1, kernel_size=1)),
+    (nn.Conv3d, (2, 5, 4, 6), dict(out_channels=3, kernel_size=(2, 3, 2), stride=(1, 2, 1), padding=1)),
+    (nn.Conv3d, (4, 4, 5, 3), dict(out_channels=2, kernel_size=2, dilation=(2, 1, 1), groups=2, padding="same")),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("conv,in_shape,kwargs", CONV_CASES, ids=[f"{c.__name__}-{i}" for i, (c, _, _) in enumerate(CONV_CASES)])
+def test_conv(conv, in_shape, kwargs, backend):
+    layer = conv(in_shape[0], **kwargs)
+    with torch.no_grad():
+        n_out = Flatten()(layer(torch.randn(1, *in_shape))).shape[1]
+    model = nn.Sequential(layer, nn.Tanh(), Flatten(), nn.Linear(n_out, 3))
+    _check_model(model, torch.randn(5, *in_shape), torch.randint(0, 3, (5,)), backend=backend)
+
+
+class EmbedModel(nn.Module):
+    def __init__(self, padding_idx=None):
+        super().__init__()
+        self.emb = nn.Embedding(13, 6, padding_idx=padding_idx)
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, ids):
+        return self.out(torch.tanh(self.emb(ids)).mean(1))
+
+
+@pytest.mark.parametrize("padding_idx", [None, 0])
+def test_embedding(padding_idx):
+    ids = torch.randint(0, 5, (6, 9))  # few distinct ids: repeated ids within an example matter
+    ids[0, :3] = 0
+    _check_model(EmbedModel(padding_idx), ids, torch.randint(0, 3, (6,)))
+
+
+@pytest.mark.parametrize("norm", ["group", "rms", "layer2d"])
+def test_norm_layers(norm):
+    if norm == "group":
+        layer = nn.GroupNorm(2, 4)
+    elif norm == "rms":
+        layer = nn.RMSNorm([4, 5, 5])
+    else:
+        layer = nn.LayerNorm([5, 5], elementwise_affine=True)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), layer, nn.Tanh(), Flatten(), nn.Linear(100, 3))
+    with torch.no_grad():
+        model[1].weight.normal_()
+        if getattr(model[1], "bias", None) is not None:
+            model[1].bias.normal_()
+    _check_model(model, torch.randn(5, 2, 5, 5), torch.randint(0, 3, (5,)))
+
+
+def test_batchnorm_eval_mode_matches_vmap():
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), Flatten(), nn.Linear(36, 3),
+                          nn.BatchNorm1d(3))
+    model.double()
+    with torch.no_grad():
+        model(torch.randn(16, 2, 5, 5, dtype=torch.float64))  # non-trivial running statistics
+    model.eval()
+    _check_model(model, torch.randn(5, 2, 5, 5), torch.randint(0, 3, (5,)))
+
+
+@pytest.mark.parametrize("bn", ["1d", "2d"])
+def test_batchnorm_train_mode_sum_decomposition(bn):
+    """Train-mode BatchNorm: g_i = b_i^T a_i with b the batch loss's output gradient.
+
+    Reference: the output gradients of every layer from autograd (batch loss), per-example
+    products by einsum, and their sum equals the true batch gradient.
+    """
+    torch.manual_seed(3)
+    if bn == "2d":
+        model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.Tanh(), Flatten(), nn.Linear(27, 4)).double()
+        x = torch.randn(6, 2, 5, 5, dtype=torch.float64)
+    else:
+        model = nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7), nn.Tanh(), nn.Linear(7, 4)).double()
+        x = torch.randn(6, 5, dtype=torch.float64)
+    y = torch.randint(0, 4, (6,))
+    # Reference: record inputs/outputs with plain hooks, batch-loss output gradients.
+    saved = {}
+    hooks = [m.register_forward_hook(lambda m, i, o, k=k: saved.__setitem__(k, (i[0], o)))
+             for k, m in enumerate(model) if any(True for _ in m.parameters())]
+    loss = F.cross_entropy(model(x), y, reduction="sum")
+    outs = [saved[k][1] for k in sorted(saved)]
+    bs = torch.autograd.grad(loss, outs)
+    batch_grads = torch.autograd.grad(F.cross_entropy(model(x), y, reduction="sum"), list(model.parameters()))
+    for h in hooks:
+        h.remove()
+    ref = {}
+    for (k, (a, _)), b in zip(sorted(saved.items()), bs):
+        m = model[k]
+        if isinstance(m, nn.Linear):
+            ref[f"{k}.weight"] = torch.einsum("bo,bi->boi", b, a)
+            ref[f"{k}.bias"] = b
+        elif isinstance(m, nn.Conv2d):
+            cols = F.unfold(a, 3)  # [B, C*9, T]
+            ref[f"{k}.weight"] = torch.einsum("bot,bit->boi", b.flatten(2), cols).reshape(6, *m.weight.shape)
+            ref[f"{k}.bias"] = b.flatten(2).sum(2)
+        else:
+            dims = [0] + list(range(2, a.dim()))
+            xhat = (a - a.mean(dims, keepdim=True)) / torch.sqrt(a.var(dims, unbiased=False, keepdim=True) + m.eps)
+            ref[f"{k}.weight"] = (xhat * b).reshape(6, a.shape[1], -1).sum(2)
+            ref[f"{k}.bias"] = b.reshape(6, a.shape[1], -1).sum(2)
+    for (name, p), g in zip(model.named_parameters(), batch_grads):
+        torch.testing.assert_close(ref[name].sum(0), g, **TOL)  # the decomposition sums to the batch gradient
+    engine = engm_fast.attach(model)
+    grads = engine.backward(F.cross_entropy(model(x), y, reduction="none"))
+    torch.testing.assert_close(grads.sqnorms().sqrt(), flat_norms(ref), **TOL)
+    w = torch.rand(6, dtype=torch.float64)
+    for p, g in grads.weighted_grads(w).items():
+        torch.testing.assert_close(g, torch.einsum("b,b...->...", w, ref[grads.names[p]]), **TOL)
+
+
+class TwoCalls(nn.Module):
+    """One Linear called twice per step (TRADES-like clean + adversarial forward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(5, 7)
+        self.head = nn.Linear(7, 3)
+
+    def forward(self, x):
+        clean = self.head(torch.tanh(self.body(x)))
+        shifted = self.head(torch.tanh(self.body(x.flip(-1) * 0.5)))
+        return clean + 0.3 * torch.sin(shifted)
+
+
+def test_module_called_twice():
+    _check_model(TwoCalls(), torch.randn(6, 5), torch.randint(0, 3, (6,)))
+
+
+class Tied(nn.Module):
+    """Tied weights: one Parameter in two Linear modules, and an Embedding tied to the output Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 6)
+        self.b = nn.Linear(6, 6)
+        self.b.weight = self.a.weight
+        self.emb = nn.Embedding(11, 6)
+        self.out = nn.Linear(6, 11, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, ids):
+        h = torch.tanh(self.emb(ids))  # [B, T, 6]
+        h = torch.tanh(self.b(torch.tanh(self.a(h))))
+        return self.out(h.mean(1))
+
+
+def test_shared_parameters():
+    _check_model(Tied(), torch.randint(0, 11, (5, 4)), torch.randint(0, 11, (5,)))
+
+
+class Affine(nn.Module):
+    """A custom module with its own parameters: handled by the torch.func fallback."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.scale = nn.Parameter(torch.randn(d))
+        self.shift = nn.Parameter(torch.randn(d))
+
+    def forward(self, x, power=1):
+        return (x * self.scale + self.shift) ** power
+
+
+class WithFallback(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 5)
+        self.aff = Affine(5)
+        self.prelu = nn.PReLU(5)
+        self.bil = nn.Bilinear(5, 4, 3)
+        self.cls = nn.Parameter(torch.randn(3))  # owned by the root module: root fallback
+
+    def forward(self, x):
+        h = self.prelu(self.aff(self.lin(x), 1))
+        return self.bil(h, x) + self.cls
+
+
+def test_fallback_modules():
+    model = WithFallback()
+    engine = engm_fast.attach(model)
+    assert set(engine.fallback_modules) == {"aff", "prelu", "bil", "<root>"}
+    engm_fast.detach(model)
+    _check_model(model, torch.randn(5, 4), torch.randint(0, 3, (5,)))
+
+
+def test_multihead_attention_fallback():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.out = nn.Linear(8, 3)
+
+        def forward(self, x):
+            h, _ = self.attn(x, x, x, need_weights=False)
+            return self.out(h.mean(1))
+
+    _check_model(Block(), torch.randn(4, 5, 8), torch.randint(0, 3, (4,)))
+
+
+def test_frozen_parameters_are_skipped():
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    model[0].weight.requires_grad_(False)
+    _check_model(model, torch.randn(5, 4), torch.randint(0, 3, (5,)))
+
+
+def test_per_example_grad_norms_public_api_leaves_grads():
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), Flatten(), nn.Linear(27, 4)).double()
+    x, y = torch.randn(5, 1, 5, 5, dtype=torch.float64), torch.randint(0, 4, (5,))
+    ref = flat_norms(vmap_per_example_grads(model, _ce, x, y))
+    sentinel = [torch.full_like(p, 7.0) for p in model.parameters()]
+    for p, s in zip(model.parameters(), sentinel):
+        p.grad = s.clone()
+    # No engine attached: exact but slow path (one backward per example), with a warning.
+    with pytest.warns(UserWarning, match="no engine is attached"):
+        slow = engm_fast.per_example_grad_norms(model, F.cross_entropy(model(x), y, reduction="none"))
+    engm_fast.attach(model)
+    fast = engm_fast.per_example_grad_norms(model, F.cross_entropy(model(x), y, reduction="none"))
+    torch.testing.assert_close(slow, ref, **TOL)
+    torch.testing.assert_close(fast, ref, **TOL)
+    for p, s in zip(model.parameters(), sentinel):
+        assert torch.equal(p.grad, s)
+    engm_fast.detach(model)
+
+
+def test_float32_norms_dtype():
+    model = nn.Linear(3, 2)
+    engm_fast.attach(model)
+    n = engm_fast.per_example_grad_norms(model, model(torch.randn(4, 3)).pow(2).sum(1))
+    assert n.dtype == torch.float32 and n.shape == (4,)
+    engm_fast.detach(model)
+
+
+def test_attack_passes_leave_no_state():
+    """Input-gradient passes (a PGD attack) keep nothing and do not pollute the next step."""
+    import gc
+    import weakref
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), Flatten(), nn.Linear(36, 3)).double()
+    engine = engm_fast.attach(model)
+    x, y = torch.randn(5, 1, 5, 5, dtype=torch.float64), torch.randint(0, 3, (5,))
+    refs = []
+    for _ in range(3):
+        x_adv = (x + 0.01 * torch.randn_like(x)).requires_grad_(True)
+        h = model[0](x_adv)
+        refs.append(weakref.ref(h))
+        loss = F.cross_entropy(model[3](model[2](model[1](h))), y)
+        (gx,) = torch.autograd.grad(loss, x_adv)
+        del h, loss, gx, x_adv
+    gc.collect()
+    assert all(r() is None for r in refs), "an attack pass left activations alive"
+    assert engine._session is None
+    assert all(p.grad is None for p in model.parameters())
+    ref = flat_norms(vmap_per_example_grads(model, _ce, x, y))
+    torch.testing.assert_close(engm_fast.per_example_grad_norms(model, F.cross_entropy(model(x), y, reduction="none")), ref, **TOL)
+    engm_fast.detach(model)
+
+
+def test_inplace_activation_after_layer():
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(inplace=True), Flatten(), nn.Linear(27, 3)).double().eval()
+    _check_model(model, torch.randn(4, 1, 5, 5), torch.randint(0, 3, (4,)))
