@@ -279,8 +279,11 @@ class PerExampleEngine:
                 )
         rule = rule_for(module) if not isinstance(module, WHOLE_MODULE_TYPES) else None
         if rule is not None:
-            with torch.no_grad():  # saved inputs are activations that require grad: build no graph
-                return rule(module, record.args(), grads[0])
+            try:
+                with torch.no_grad():  # saved inputs are activations that require grad: build no graph
+                    return rule(module, record.args(), grads[0])
+            except ValueError as exc:
+                raise ValueError(f"module '{record.name}' ({type(module).__name__}): {exc}") from exc
         return fallback_contributions(module, record.name, record.args(), record.kwargs, grads,
                                       record.out_positions, B)
 

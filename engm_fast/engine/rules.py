@@ -38,6 +38,8 @@ def _wants(module: nn.Module, name: str) -> bool:
 
 def _linear(module: nn.Linear, inputs: tuple, b: torch.Tensor) -> dict[str, Contribution]:
     x = inputs[0]
+    if x.dim() < 2:
+        raise ValueError(f"engm_fast needs a batched input [B, ..., {module.in_features}], got {tuple(x.shape)}")
     B = x.shape[0]
     a = x.reshape(B, -1, module.in_features)  # any leading dims after the batch become T
     b = b.reshape(B, -1, module.out_features)
@@ -53,10 +55,7 @@ def _conv(module: nn.modules.conv._ConvNd, inputs: tuple, b: torch.Tensor) -> di
     x = inputs[0]
     n = len(module.kernel_size)
     if x.dim() != n + 2:
-        raise ValueError(
-            f"{type(module).__name__}: engm_fast needs a batched input [B, C, *spatial] "
-            f"({n + 2}-D), got {tuple(x.shape)}"
-        )
+        raise ValueError(f"engm_fast needs a batched input [B, C, *spatial] ({n + 2}-D), got {tuple(x.shape)}")
     out: dict[str, Contribution] = {}
     if _wants(module, "weight"):
         out["weight"] = ConvWeight(module, x, b)
@@ -68,7 +67,7 @@ def _conv(module: nn.modules.conv._ConvNd, inputs: tuple, b: torch.Tensor) -> di
 def _embedding(module: nn.Embedding, inputs: tuple, b: torch.Tensor) -> dict[str, Contribution]:
     ids = inputs[0]
     if ids.dim() < 1:
-        raise ValueError(f"Embedding: engm_fast needs batched ids [B, ...], got a scalar")
+        raise ValueError("engm_fast needs batched ids [B, ...], got a scalar")
     B = ids.shape[0]
     ids = ids.reshape(B, -1)
     b = b.reshape(B, ids.shape[1], module.embedding_dim)
