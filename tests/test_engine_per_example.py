@@ -83,6 +83,8 @@ CONV_CASES = [
     (nn.Conv2d, (2, 5, 6), dict(out_channels=3, kernel_size=3, padding=1, padding_mode="reflect")),
     (nn.Conv2d, (2, 5, 6), dict(out_channels=3, kernel_size=3, padding=2, padding_mode="circular")),
     (nn.Conv2d, (1, 1, 1), dict(out_channels=1, kernel_size=1)),
+    (nn.Conv2d, (8, 4, 4), dict(out_channels=16, kernel_size=3, stride=2)),  # T=1: ghost route
+    (nn.Conv2d, (8, 5, 5), dict(out_channels=8, kernel_size=3, stride=2, groups=2)),  # T=4: ghost route
     (nn.Conv3d, (2, 5, 4, 6), dict(out_channels=3, kernel_size=(2, 3, 2), stride=(1, 2, 1), padding=1)),
     (nn.Conv3d, (4, 4, 5, 3), dict(out_channels=2, kernel_size=2, dilation=(2, 1, 1), groups=2, padding="same")),
 ]
@@ -340,3 +342,18 @@ def test_attack_passes_leave_no_state():
 def test_inplace_activation_after_layer():
     model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(inplace=True), Flatten(), nn.Linear(27, 3)).double().eval()
     _check_model(model, torch.randn(4, 1, 5, 5), torch.randint(0, 3, (4,)))
+
+
+def test_conv_routes_and_chunking(monkeypatch):
+    """Both conv norm routes are taken, and tiny chunk limits (many chunks) change nothing."""
+    from engm_fast.engine import conv as conv_mod
+
+    seen = []
+    original = conv_mod.ConvWeight._route
+    monkeypatch.setattr(conv_mod.ConvWeight, "_route", lambda self: seen.append(original(self)) or seen[-1])
+    monkeypatch.setattr(conv_mod, "_DIRECT_CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(conv_mod, "_UNFOLD_CHUNK_ELEMENTS", 1)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 16, 5, groups=1), nn.Tanh(),
+                          Flatten(), nn.Linear(16, 3))
+    _check_model(model, torch.randn(5, 2, 5, 5), torch.randint(0, 3, (5,)))
+    assert set(seen) == {"direct", "ghost"}

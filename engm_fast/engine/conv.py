@@ -3,10 +3,18 @@
 ``g_i = b_i^T a_i`` per group, with ``a_i`` the unfolded input (im2col, ``[T, C_in/G * k]``,
 T = output positions) and ``b_i`` the output gradient (``[T, C_out/G]``).
 
-* Norms unfold the input in chunks of examples (at most ``_UNFOLD_CHUNK_ELEMENTS`` per chunk)
-  and hand each chunk to :func:`engm_fast.ops.per_example_sqnorm`, so memory stays bounded
-  whatever the batch size (a full unfold of a CIFAR-sized batch, B=128 at 32x32 with 64
-  channels, would be 300 MB in float32).
+* Norms, direct route (many output positions T, the usual case: ``2 T^2 > d_in d_out``): the
+  per-example weight gradients of a chunk of examples come from ONE native grouped
+  ``convolution_backward`` with the examples folded into the groups (input
+  ``[1, n*C_in, *S]``, groups ``n*G``), then their squares are summed. On the 2-core CPU this
+  was 3-4x faster than im2col + bmm and 1.5-2.3x the plain weight gradient (B=128, 16->32
+  channels at 8x8: 2.3 ms vs 9.7 ms vs 1.0 ms). Chunks hold at most ``_DIRECT_CHUNK_ELEMENTS``
+  per-example gradient entries.
+* Norms, ghost route (few positions, wide layers): im2col by strided views in chunks of at
+  most ``_UNFOLD_CHUNK_ELEMENTS`` (never the whole batch: a full unfold of B=128 at 32x32
+  with 64 channels would be 300 MB in float32), then :func:`engm_fast.ops.per_example_sqnorm`.
+  ``F.unfold`` is avoided: with 2 threads on a busy 2-core machine it took 450 ms for a
+  ``[128, 16, 8, 8]`` input where the strided copy took 10-20 ms.
 * The weighted sum ``sum_i w_i g_i`` is the ordinary weight gradient of the convolution with
   the output gradient scaled per example, so it runs the native ``convolution_backward``
   (oneDNN / cuDNN) with only the weight output requested: no unfold at all.
@@ -16,16 +24,20 @@ input followed by a convolution with integer padding, exactly as ``nn.ConvNd`` c
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 from .contributions import Contribution, OuterProduct, _zero_rows
-from ..reference import accumulation_dtype
+from ..reference import accumulation_dtype, choose_sqnorm_route
 
 __all__ = ["ConvWeight", "conv_geometry", "unfold_input"]
 
 # 2**24 elements = 64 MiB of float32 unfolded input per chunk.
 _UNFOLD_CHUNK_ELEMENTS = 1 << 24
+# 2**22 per-example gradient entries = 16 MiB in float32 per direct-route chunk.
+_DIRECT_CHUNK_ELEMENTS = 1 << 22
 
 
 def conv_geometry(module: torch.nn.modules.conv._ConvNd, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
@@ -62,9 +74,6 @@ def unfold_input(x: torch.Tensor, kernel_size, stride, padding, dilation) -> tor
     """
     n = len(kernel_size)
     B, C = x.shape[:2]
-    if n == 2:
-        cols = F.unfold(x, kernel_size, dilation=dilation, padding=padding, stride=stride)
-        return cols.transpose(1, 2)
     if any(padding):
         pads = []
         for p in reversed(padding):
@@ -105,18 +114,42 @@ class ConvWeight(Contribution):
         G = self.groups
         return a.reshape(n, T, G, a.shape[2] // G), b.reshape(n, T, G, b.shape[2] // G)
 
-    def _chunk(self) -> int:
-        per_example = self.x[0].numel() * max(1, int(torch.tensor(self.kernel_size).prod()))
-        per_example = max(per_example, self.b[0].numel() * max(1, self.x.shape[1]))
-        return max(1, _UNFOLD_CHUNK_ELEMENTS // max(1, per_example))
+    def _route(self) -> str:
+        T = self.b[0, 0].numel()
+        d_in = (self.x.shape[1] // self.groups) * math.prod(self.kernel_size)
+        d_out = self.b.shape[1] // self.groups
+        return choose_sqnorm_route(T, d_in, d_out)
 
     def sqnorms(self) -> torch.Tensor:
         out = torch.empty(self.batch_size, dtype=accumulation_dtype(self.x.dtype), device=self.x.device)
-        chunk = self._chunk()
+        if self._route() == "direct":
+            chunk = max(1, _DIRECT_CHUNK_ELEMENTS // self.shape.numel())
+            for start in range(0, self.batch_size, chunk):
+                stop = min(self.batch_size, start + chunk)
+                g = self._grouped_per_example(start, stop)
+                out[start:stop] = g.reshape(stop - start, -1).to(out.dtype).pow(2).sum(1)
+            return out
+        per_example = self.x[0].numel() * math.prod(self.kernel_size) + self.b[0].numel()
+        chunk = max(1, _UNFOLD_CHUNK_ELEMENTS // max(1, per_example))
         for start in range(0, self.batch_size, chunk):
             stop = min(self.batch_size, start + chunk)
             out[start:stop] = OuterProduct(*self._rows(start, stop), self.shape).sqnorms()
         return out
+
+    def _grouped_per_example(self, start: int, stop: int) -> torch.Tensor:
+        """Per-example weight gradients ``[n, *weight.shape]`` of examples ``start:stop``."""
+        n = stop - start
+        x = self.x[start:stop]
+        b = self.b[start:stop]
+        C_in, C_out = x.shape[1], b.shape[1]
+        weight_shape = (n * C_out, C_in // self.groups) + self.kernel_size
+        _, g, _ = torch.ops.aten.convolution_backward(
+            b.reshape((1, n * C_out) + b.shape[2:]), x.reshape((1, n * C_in) + x.shape[2:]),
+            x.new_empty(weight_shape),  # only its shape is read when just grad_weight is asked
+            None, self.stride, self.padding, self.dilation, False, (0,) * len(self.kernel_size),
+            n * self.groups, (False, True, False),
+        )
+        return g.view((n,) + tuple(self.shape))
 
     def weighted_sum(self, w: torch.Tensor) -> torch.Tensor:
         scaled = self.b * w.to(self.b.dtype).view((-1,) + (1,) * (self.b.dim() - 1))
@@ -131,7 +164,7 @@ class ConvWeight(Contribution):
         return OuterProduct(*self._rows(0, self.batch_size), self.shape)
 
     def per_example(self) -> torch.Tensor:
-        return self.as_outer_product().per_example()
+        return self._grouped_per_example(0, self.batch_size)
 
     def zero_examples(self, mask: torch.Tensor) -> "ConvWeight":
         clone = object.__new__(ConvWeight)

@@ -186,16 +186,28 @@ class PerExampleEngine:
         is_fallback = rule is None
 
         def hook(module, args, kwargs, output):
+            # Runs on every call, attack passes included: keep the common path short
+            # (one tensor output, own parameters read from the dict, no generators).
             if engine._suspended or not torch.is_grad_enabled():
                 return None
-            params = module.parameters(recurse=isinstance(module, WHOLE_MODULE_TYPES))
-            if not any(p.requires_grad for p in params):
+            own = module.parameters() if isinstance(module, WHOLE_MODULE_TYPES) else module._parameters.values()
+            for p in own:
+                if p is not None and p.requires_grad:
+                    break
+            else:
                 return None
-            items = output if isinstance(output, tuple) else (output,)
-            positions = [i for i, o in enumerate(items) if isinstance(o, torch.Tensor)]
-            if not positions or not any(items[i].requires_grad for i in positions):
-                return None
-            if not is_fallback and kwargs:
+            single = isinstance(output, torch.Tensor)
+            if single:
+                if not output.requires_grad:
+                    return None
+                positions, outs = [0], (output,)
+            else:
+                items = output if isinstance(output, tuple) else (output,)
+                positions = [i for i, o in enumerate(items) if isinstance(o, torch.Tensor)]
+                if not positions or not any(items[i].requires_grad for i in positions):
+                    return None
+                outs = tuple(items[i] for i in positions)
+            if kwargs and not is_fallback:
                 raise NotImplementedError(
                     f"module '{name}' ({type(module).__name__}) was called with keyword arguments "
                     f"{sorted(kwargs)}; engm_fast's rule for it expects positional arguments"
@@ -204,8 +216,8 @@ class PerExampleEngine:
             record = Record(name, module, args, kwargs if is_fallback else {})
             record.out_positions = positions
             engine._tapped_since_backward.add(name)
-            tapped = tap(engine._anchor, engine, record, tuple(items[i] for i in positions), inputs)
-            if not isinstance(output, tuple):
+            tapped = tap(engine._anchor, engine, record, outs, inputs)
+            if single:
                 return tapped
             tapped = tapped if isinstance(tapped, tuple) else (tapped,)
             new_items = list(items)

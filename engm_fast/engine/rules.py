@@ -47,7 +47,7 @@ def _linear(module: nn.Linear, inputs: tuple, b: torch.Tensor) -> dict[str, Cont
     if _wants(module, "weight"):
         out["weight"] = OuterProduct(a.unsqueeze(2), b.unsqueeze(2), module.weight.shape)
     if _wants(module, "bias"):
-        out["bias"] = Dense(b.sum(1))
+        out["bias"] = Dense(b[:, 0] if b.shape[1] == 1 else b.sum(1))  # T = 1: a view, no sum
     return out
 
 
