@@ -353,6 +353,7 @@ def test_conv_routes_and_chunking(monkeypatch):
     monkeypatch.setattr(conv_mod.ConvWeight, "_route", lambda self: seen.append(original(self)) or seen[-1])
     monkeypatch.setattr(conv_mod, "_DIRECT_CHUNK_ELEMENTS", 1)
     monkeypatch.setattr(conv_mod, "_UNFOLD_CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(conv_mod, "_KEEP_PER_EXAMPLE_ELEMENTS", 0)  # recompute the weighted sum
     model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 16, 5, groups=1), nn.Tanh(),
                           Flatten(), nn.Linear(16, 3))
     _check_model(model, torch.randn(5, 2, 5, 5), torch.randint(0, 3, (5,)))

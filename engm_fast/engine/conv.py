@@ -38,6 +38,10 @@ __all__ = ["ConvWeight", "conv_geometry", "unfold_input"]
 _UNFOLD_CHUNK_ELEMENTS = 1 << 24
 # 2**22 per-example gradient entries = 16 MiB in float32 per direct-route chunk.
 _DIRECT_CHUNK_ELEMENTS = 1 << 22
+# When all of a layer's per-example gradients fit in 2**24 entries (64 MiB in float32; e.g.
+# B=128 of a 64->64 3x3 conv is 4.7M), the direct route computes them in one piece and keeps
+# them, so the weighted sum is a [1, B] x [B, P] GEMV instead of a second convolution backward.
+_KEEP_PER_EXAMPLE_ELEMENTS = 1 << 24
 
 
 def conv_geometry(module: torch.nn.modules.conv._ConvNd, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
@@ -105,6 +109,7 @@ class ConvWeight(Contribution):
         self.groups = module.groups
         self.shape = module.weight.shape
         self.batch_size = x.shape[0]
+        self._kept: torch.Tensor | None = None  # [B, P] per-example gradients, when small
 
     def _rows(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Unfolded ``a`` and ``b`` of examples ``start:stop`` as ``[n, T, G, d]``."""
@@ -123,6 +128,9 @@ class ConvWeight(Contribution):
     def sqnorms(self) -> torch.Tensor:
         out = torch.empty(self.batch_size, dtype=accumulation_dtype(self.x.dtype), device=self.x.device)
         if self._route() == "direct":
+            if self.batch_size * self.shape.numel() <= _KEEP_PER_EXAMPLE_ELEMENTS:
+                self._kept = self._grouped_per_example(0, self.batch_size).reshape(self.batch_size, -1)
+                return self._kept.to(out.dtype).pow(2).sum(1)
             chunk = max(1, _DIRECT_CHUNK_ELEMENTS // self.shape.numel())
             for start in range(0, self.batch_size, chunk):
                 stop = min(self.batch_size, start + chunk)
@@ -152,6 +160,8 @@ class ConvWeight(Contribution):
         return g.view((n,) + tuple(self.shape))
 
     def weighted_sum(self, w: torch.Tensor) -> torch.Tensor:
+        if self._kept is not None:
+            return torch.mm(w.to(self._kept.dtype).unsqueeze(0), self._kept).view(self.shape)
         scaled = self.b * w.to(self.b.dtype).view((-1,) + (1,) * (self.b.dim() - 1))
         n = len(self.kernel_size)
         _, grad_weight, _ = torch.ops.aten.convolution_backward(
@@ -170,4 +180,5 @@ class ConvWeight(Contribution):
         clone = object.__new__(ConvWeight)
         clone.__dict__.update(self.__dict__)
         clone.x, clone.b = _zero_rows(self.x, mask), _zero_rows(self.b, mask)
+        clone._kept = None if self._kept is None else _zero_rows(self._kept, mask)
         return clone
