@@ -1,0 +1,42 @@
+// Operator schemas of the engm_fast library, declared once for every backend.
+//
+// Semantics are specified by engm_fast/reference.py (pure PyTorch); DESIGN.md section 1
+// derives them. Backends register implementations with TORCH_LIBRARY_IMPL:
+//   csrc/cpu/*.cpp    CPU   (always built)
+//   csrc/cuda/*.cu    CUDA  (built only where torch has CUDA and nvcc is found)
+// Fake (meta) implementations for torch.compile / opcheck live in Python
+// (engm_fast/ops, torch.library.register_fake), next to the wrappers.
+//
+// This file is also the Python entry point of the shared library: `import engm_fast._C`
+// loads the .so, which runs the static TORCH_LIBRARY initializers below, after which the ops
+// are reachable as torch.ops.engm_fast.<name>. The module itself is empty.
+
+#include <Python.h>
+
+#include <torch/library.h>
+
+extern "C" {
+// An empty module named _C (the pattern of pytorch/extension-cpp): importing it is only a way
+// to dlopen the library so that the operator registrations run. No Python bindings of our
+// own: every entry point goes through the dispatcher (torch.ops), so autograd, torch.compile
+// and the fake-tensor machinery see the ops.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT,
+      "_C",  // name
+      "Native operators of engm_fast; importing registers torch.ops.engm_fast.*",  // doc
+      -1,  // no per-interpreter state
+      nullptr,  // no methods
+  };
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(engm_fast, m) {
+  // ||b_i^T a_i||_F^2 for every example i. a: [B, T, d_in] or [B, d_in]; b: [B, T, d_out] or
+  // [B, d_out]; mode: "auto" | "ghost" | "direct". Returns [B] in float32 (float64 for
+  // float64 inputs).
+  m.def("per_example_sqnorm(Tensor a, Tensor b, str mode=\"auto\") -> Tensor");
+  // sum_i w_i b_i^T a_i, [d_out, d_in] in a's dtype. w: [B].
+  m.def("weighted_outer_sum(Tensor a, Tensor b, Tensor w) -> Tensor");
+}
