@@ -39,4 +39,16 @@ TORCH_LIBRARY(engm_fast, m) {
   m.def("per_example_sqnorm(Tensor a, Tensor b, str mode=\"auto\") -> Tensor");
   // sum_i w_i b_i^T a_i, [d_out, d_in] in a's dtype. w: [B].
   m.def("weighted_outer_sum(Tensor a, Tensor b, Tensor w) -> Tensor");
+  // One SGD-momentum step over lists of tensors (torch.optim.SGD's arithmetic), in place:
+  //   d = grad + weight_decay * param
+  //   buf = d                                    (first_step)
+  //   buf = momentum * buf + (1 - dampening) * d (otherwise); skipped when momentum == 0
+  //   d = d + momentum * buf (nesterov) or buf
+  //   param -= lr * d
+  // momentum_buffers is empty when momentum == 0, else one per param. All lists hold tensors
+  // of one device; each param/grad/buffer triple shares shape and dtype.
+  m.def(
+      "sgd_momentum_update_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
+      "float lr, float momentum, float dampening, float weight_decay, bool nesterov, "
+      "bool first_step) -> ()");
 }

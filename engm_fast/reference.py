@@ -18,6 +18,7 @@ import torch
 __all__ = [
     "per_example_sqnorm",
     "weighted_outer_sum",
+    "sgd_momentum_update_",
     "choose_sqnorm_route",
     "accumulation_dtype",
     "SQNORM_MODES",
@@ -138,3 +139,38 @@ def weighted_outer_sum(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor) -> tor
     d_out = b3.shape[2]
     bw = (b3 * w.to(b3.dtype).view(B, 1, 1)).reshape(B * T, d_out)
     return torch.mm(bw.t(), a3.reshape(B * T, d_in))
+
+
+@torch.no_grad()
+def sgd_momentum_update_(params: list[torch.Tensor], grads: list[torch.Tensor], momentum_buffers: list[torch.Tensor],
+                         lr: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool,
+                         first_step: bool) -> None:
+    """One ``torch.optim.SGD`` step over lists of tensors, in place (params and buffers).
+
+    ``momentum_buffers`` is empty when ``momentum == 0``, else one tensor per parameter; with
+    ``first_step`` the buffers are set to the first gradient (as SGD does when it creates them).
+
+    Example:
+        >>> p, g, buf = [torch.ones(2)], [torch.full((2,), 0.5)], [torch.zeros(2)]
+        >>> sgd_momentum_update_(p, g, buf, lr=0.1, momentum=0.9, dampening=0.0,
+        ...                      weight_decay=0.0, nesterov=False, first_step=True)
+        >>> p[0]
+        tensor([0.9500, 0.9500])
+    """
+    if len(params) != len(grads) or (momentum != 0 and len(momentum_buffers) != len(params)):
+        raise ValueError(
+            f"sgd_momentum_update_: got {len(params)} params, {len(grads)} grads and "
+            f"{len(momentum_buffers)} momentum buffers (buffers: one per param when momentum != 0)"
+        )
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if p.shape != g.shape:
+            raise ValueError(f"sgd_momentum_update_: param {i} has shape {tuple(p.shape)}, grad {tuple(g.shape)}")
+        d = g if weight_decay == 0 else g.add(p, alpha=weight_decay)
+        if momentum != 0:
+            buf = momentum_buffers[i]
+            if first_step:
+                buf.copy_(d)
+            else:
+                buf.mul_(momentum).add_(d, alpha=1 - dampening)
+            d = d.add(buf, alpha=momentum) if nesterov else buf
+        p.add_(d, alpha=-lr)
