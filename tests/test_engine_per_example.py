@@ -183,7 +183,7 @@ def test_batchnorm_train_mode_sum_decomposition(bn):
             xhat = (a - a.mean(dims, keepdim=True)) / torch.sqrt(a.var(dims, unbiased=False, keepdim=True) + m.eps)
             ref[f"{k}.weight"] = (xhat * b).reshape(6, a.shape[1], -1).sum(2)
             ref[f"{k}.bias"] = b.reshape(6, a.shape[1], -1).sum(2)
-    for (name, p), g in zip(model.named_parameters(), batch_grads):
+    for (name, _), g in zip(model.named_parameters(), batch_grads):
         torch.testing.assert_close(ref[name].sum(0), g, **TOL)  # the decomposition sums to the batch gradient
     engine = engm_fast.attach(model)
     grads = engine.backward(F.cross_entropy(model(x), y, reduction="none"))

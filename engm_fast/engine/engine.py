@@ -62,12 +62,27 @@ def attach(model: nn.Module) -> "PerExampleEngine":
 
 
 def engine_of(model: nn.Module) -> "PerExampleEngine | None":
-    """The engine attached to ``model``, or ``None``."""
+    """The engine attached to ``model``, or ``None``.
+
+    Example:
+        >>> import torch, engm_fast
+        >>> engm_fast.engine_of(torch.nn.Linear(2, 2)) is None
+        True
+    """
     return _ENGINES.get(_unwrap(model))
 
 
 def detach(model: nn.Module) -> None:
-    """Removes ``model``'s engine and its hooks (no-op when none is attached)."""
+    """Removes ``model``'s engine and its hooks (no-op when none is attached).
+
+    Example:
+        >>> import torch, engm_fast
+        >>> model = torch.nn.Linear(2, 2)
+        >>> _ = engm_fast.attach(model)
+        >>> engm_fast.detach(model)
+        >>> engm_fast.engine_of(model) is None
+        True
+    """
     engine = _ENGINES.pop(_unwrap(model), None)
     if engine is not None:
         engine.remove()
