@@ -1,0 +1,109 @@
+"""Smoke tests of the demo (engm_fast.demo) and its CLI: quick runs in a temporary directory."""
+import json
+
+import pytest
+
+pytest.importorskip("sklearn", reason="the demo's data set ships with scikit-learn")
+pytest.importorskip("matplotlib", reason="the demo writes a matplotlib plot")
+
+from engm_fast import (
+    cli,
+    demo,
+)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    results = demo.run_demo(quick=True, out_dir=str(out), seed=0, progress=False)
+    return out, results
+
+
+def test_quick_demo_writes_json_and_png(quick_run):
+    out, returned = quick_run
+    with open(out / "demo_results.json") as f:
+        results = json.load(f)
+    assert set(results["optimizers"]) == {"msgd", "engm"}
+    epochs = results["config"]["epochs"]
+    assert epochs == 2 and results["quick"] is True
+    for name, r in results["optimizers"].items():
+        for key in ("final_clean_acc", "final_robust_acc_pgd20", "best_robust_acc_pgd10"):
+            assert 0.0 <= r[key] <= 1.0, (name, key, r[key])
+        h = r["history"]
+        assert len(h["robust_acc_pgd10"]) == len(h["clean_acc"]) == epochs
+        assert all(0.0 <= a <= 1.0 for a in h["robust_acc_pgd10"] + h["clean_acc"] + h["train_adv_acc"])
+        # Robust accuracy cannot exceed clean accuracy by more than noise of the random start.
+        assert r["final_robust_acc_pgd20"] <= r["final_clean_acc"] + 0.02
+        assert r["mean_step_ms"] > 0.0
+    assert results["optimizers"]["engm"]["history"]["norm_mean"][0] > 0.0
+    assert results["optimizers"]["msgd"]["lr"] == demo.DEFAULT_LR_MSGD
+    assert results["optimizers"]["engm"]["lr"] == demo.DEFAULT_LR_ENGM
+    assert results["step_time_ratio_engm_over_msgd"] > 0.0
+    assert (out / "robust_accuracy.png").read_bytes()[:8] == PNG_MAGIC
+    assert returned["optimizers"]["msgd"]["final_clean_acc"] == results["optimizers"]["msgd"]["final_clean_acc"]
+
+
+def test_train_one_reproduces_the_demo(quick_run):
+    """The sweep's per-optimizer loop gives the demo's numbers for the same seed and lr, so the
+    sweep's choice of learning rates carries over to the demo."""
+    _, results = quick_run
+    cfg = demo.DemoConfig().quick()
+    r = demo.train_one("engm", demo.DEFAULT_LR_ENGM, cfg=cfg, seed=0)
+    ref = results["optimizers"]["engm"]
+    assert r["history"]["train_loss"] == pytest.approx(ref["history"]["train_loss"], rel=1e-5)
+    assert r["history"]["robust_acc_pgd10"] == ref["history"]["robust_acc_pgd10"]
+    assert r["final_robust_acc_pgd20"] == ref["final_robust_acc_pgd20"]
+
+
+def test_optimizers_start_equal_and_differ_after_training(quick_run):
+    _, results = quick_run
+    m, e = results["optimizers"]["msgd"]["history"], results["optimizers"]["engm"]["history"]
+    # Same data, same initial weights, different outer optimizers: different training losses.
+    assert m["train_loss"] != e["train_loss"]
+
+
+def test_data_and_model_shapes():
+    x_tr, _y_tr, x_te, y_te = demo.load_digits_data()
+    assert x_tr.shape[1:] == (1, 8, 8) and x_tr.shape[0] + x_te.shape[0] == 1797
+    assert 0.0 <= float(x_tr.min()) and float(x_tr.max()) <= 1.0
+    # Stratified: every class is in the test set in about its overall proportion.
+    counts = y_te.bincount(minlength=10)
+    assert counts.min().item() >= 40
+    # The split does not depend on the training seed.
+    assert demo.load_digits_data()[3].tolist() == y_te.tolist()
+    model = demo.make_model(seed=0)
+    assert model(x_tr[:3]).shape == (3, 10)
+    assert sum(p.numel() for p in model.parameters()) < 100_000
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="optimizer"):
+        demo.make_optimizer("adam", demo.make_model(), lr=0.1)
+    with pytest.raises(ValueError, match="epochs"):
+        demo.run_demo(epochs=0, progress=False)
+
+
+def test_cli_parser_defaults_match_demo():
+    args = cli.build_parser().parse_args(["demo"])
+    assert args.lr_msgd == demo.DEFAULT_LR_MSGD
+    assert args.lr_engm == demo.DEFAULT_LR_ENGM
+    assert args.epochs == demo.DEFAULT_EPOCHS
+    assert args.out == "engm_demo_out" and args.quick is False and args.seed == 0
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args([])  # a command is required
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["demo", "--epochs", "0"])
+
+
+def test_cli_demo_quick(tmp_path, capsys):
+    out = tmp_path / "cli_out"
+    rc = cli.main(["demo", "--quick", "--out", str(out), "--seed", "1", "--lr-engm", "0.3", "--no-progress"])
+    assert rc == 0
+    results = json.loads((out / "demo_results.json").read_text())
+    assert results["seed"] == 1
+    assert results["optimizers"]["engm"]["lr"] == 0.3
+    assert (out / "robust_accuracy.png").exists()
+    printed = capsys.readouterr().out
+    assert "MSGD" in printed and "ENGM" in printed and "robust test acc" in printed
