@@ -19,22 +19,35 @@ def _ce(run, x, y):
 
 
 def _check_model(model, x, y, backend="torch"):
-    """norms and sum_i w_i g_i from the engine == the vmap reference (random weights)."""
+    """The engine, ``per_example_grad_norms`` and ``ENGM.backward`` against the vmap reference.
+
+    Checks the norms, ``sum_i w_i g_i`` for random weights, and the ``p.grad`` ENGM leaves
+    (``(1/B) sum_i g_i / (||g_i|| + eps)``), for every trainable parameter.
+    """
     model = model.double()
     x = x.double() if x.is_floating_point() else x
     ref = vmap_per_example_grads(model, _ce, x, y)
+    ref_norms = flat_norms(ref)
+    B = x.shape[0]
     engine = engm_fast.attach(model)
     with engm_fast.use_backend(backend):
-        losses = F.cross_entropy(model(x), y, reduction="none")
-        grads = engine.backward(losses)
-        norms = grads.sqnorms().sqrt()
-        w = torch.rand(x.shape[0], dtype=torch.float64)
+        grads = engine.backward(F.cross_entropy(model(x), y, reduction="none"))
+        w = torch.rand(B, dtype=torch.float64)
         weighted = grads.weighted_grads(w)
-    torch.testing.assert_close(norms, flat_norms(ref), **TOL)
+        public_norms = engm_fast.per_example_grad_norms(model, F.cross_entropy(model(x), y, reduction="none"))
+        opt = engm_fast.ENGM(model, lr=0.1)
+        opt.zero_grad()
+        engm_norms = opt.backward(F.cross_entropy(model(x), y, reduction="none"))
+    torch.testing.assert_close(grads.sqnorms().sqrt(), ref_norms, **TOL)
+    torch.testing.assert_close(public_norms, ref_norms, **TOL)
+    torch.testing.assert_close(engm_norms, ref_norms, **TOL)
     assert set(grads.names.values()) == set(ref), "every trainable parameter gets a gradient"
+    engm_w = 1.0 / (ref_norms + 1e-6) / B
     for p, g in weighted.items():
-        expect = torch.einsum("b,b...->...", w, ref[grads.names[p]])
-        torch.testing.assert_close(g, expect, **TOL, msg=lambda m: f"{grads.names[p]}: {m}")
+        name = grads.names[p]
+        torch.testing.assert_close(g, torch.einsum("b,b...->...", w, ref[name]), **TOL, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(p.grad, torch.einsum("b,b...->...", engm_w, ref[name]), **TOL,
+                                   msg=lambda m: f"ENGM p.grad of {name}: {m}")
     engm_fast.detach(model)
 
 
