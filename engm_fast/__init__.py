@@ -4,7 +4,8 @@ Public API:
   * :func:`per_example_grad_norms` ``(model, losses) -> [B]``
   * :class:`ENGM`: example-normalized SGD with momentum (``opt.backward(losses); opt.step()``)
   * :func:`attach` / :func:`detach`: the one-backward per-example engine of a model
-  * :mod:`engm_fast.ops`: the ``per_example_sqnorm`` and ``weighted_outer_sum`` ops
+  * :mod:`engm_fast.ops`: the ``per_example_sqnorm``, ``weighted_outer_sum`` and
+    ``sgd_momentum_update_`` ops
   * :func:`available_backends`, :func:`use_backend`: which implementation of the ops runs
 """
 from ._backend import available_backends, current_backend, native_import_error, use_backend

@@ -22,6 +22,7 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
+from .. import ops
 from ..engine import attach
 from .proxy import ProxyCalibration
 from .weighting import check_weighting, example_weights
@@ -248,31 +249,45 @@ class ENGM(torch.optim.Optimizer):
     # -- the SGD step ------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure=None):
-        """SGD with momentum on the gradients in ``.grad`` (the same arithmetic as torch.optim.SGD)."""
+        """SGD with momentum on the gradients in ``.grad`` (the same arithmetic as torch.optim.SGD).
+
+        Per param group (and device): one fused :func:`engm_fast.ops.sgd_momentum_update_` call
+        for the params that already have a momentum buffer, and one (``first_step=True``, fresh
+        buffers) for those that get theirs now; params without ``.grad`` are skipped.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, momentum, dampening = group["lr"], group["momentum"], group["dampening"]
-            nesterov, weight_decay = group["nesterov"], group["weight_decay"]
+            hyper = dict(lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
+                         weight_decay=group["weight_decay"], nesterov=group["nesterov"])
+            by_device: dict[torch.device, list] = {}  # the op takes tensors of one device
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                d_p = p.grad
-                if weight_decay != 0:
-                    d_p = d_p.add(p, alpha=weight_decay)
-                if momentum != 0:
-                    state = self.state[p]
-                    buf = state.get("momentum_buffer")
-                    if buf is None:
-                        buf = torch.clone(d_p).detach()
-                        state["momentum_buffer"] = buf
-                    else:
-                        buf.mul_(momentum).add_(d_p, alpha=1 - dampening)
-                    d_p = d_p.add(buf, alpha=momentum) if nesterov else buf
-                p.add_(d_p, alpha=-lr)
+                if p.grad is not None:
+                    by_device.setdefault(p.device, []).append(p)
+            for with_grad in by_device.values():
+                self._fused_step(with_grad, hyper)
         return loss
+
+    def _fused_step(self, params: list, hyper: dict) -> None:
+        if hyper["momentum"] == 0:
+            ops.sgd_momentum_update_(params, [p.grad for p in params], [], first_step=False, **hyper)
+            return
+        have, need = [], []
+        for p in params:
+            (have if self.state[p].get("momentum_buffer") is not None else need).append(p)
+        if have:
+            ops.sgd_momentum_update_(have, [p.grad for p in have], [self.state[p]["momentum_buffer"] for p in have],
+                                     first_step=False, **hyper)
+        if need:
+            bufs = []
+            for p in need:
+                # overwritten with the first d by the op (torch.optim.SGD clones d_p)
+                buf = torch.zeros_like(p, memory_format=torch.preserve_format)
+                self.state[p]["momentum_buffer"] = buf
+                bufs.append(buf)
+            ops.sgd_momentum_update_(need, [p.grad for p in need], bufs, first_step=True, **hyper)
 
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:
