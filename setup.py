@@ -3,9 +3,11 @@
 * Always: a C++ extension from ``csrc/ops.cpp`` (operator schemas) and ``csrc/cpu/*.cpp``.
 * Where the installed torch has CUDA, nvcc is found (``CUDA_HOME``) and CUDA bindings
   ``csrc/cuda/*.cu`` exist: a CUDA extension that adds them. Set ``TORCH_CUDA_ARCH_LIST``
-  (e.g. "8.0;9.0") to choose the GPU targets; otherwise torch picks the visible GPU's.
-  (``csrc/cuda/kernels/*.cu`` are torch-free translation units for the CMake compile check,
-  not part of the extension; the bindings include the kernels' ``.cuh`` headers.)
+  (e.g. "8.0;9.0") to choose the GPU targets; otherwise torch picks the visible GPU's. The
+  kernels need compute capability 8.0 or newer. The extension also compiles
+  ``csrc/cuda/kernels/*.cu``: torch-free translation units holding the kernels' explicit
+  instantiations (the same files the CMake target cuda_compile_check compiles); the binding
+  ``csrc/cuda/per_example_ops.cu`` calls their launchers.
 
 A failed build fails the install: nothing is skipped silently. The Python package itself
 imports without the extension (pure-PyTorch path), see ``engm_fast.ops``.
@@ -41,6 +43,7 @@ def _openmp_flag() -> list[str]:
 def _extension():
     sources = _sources("csrc/ops.cpp") + _sources("csrc/cpu/*.cpp")
     cuda_sources = _sources("csrc/cuda/*.cu")
+    cuda_kernels = _sources("csrc/cuda/kernels/*.cu")
     omp = _openmp_flag()
     cxx_flags = (["/O2"] if sys.platform == "win32" else ["-O3"]) + omp
     link_flags = [] if sys.platform == "win32" else omp
@@ -48,7 +51,7 @@ def _extension():
     if torch.version.cuda and CUDA_HOME and cuda_sources:
         return CUDAExtension(
             "engm_fast._C",
-            sources + cuda_sources,
+            sources + cuda_sources + cuda_kernels,
             include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math"]},
             extra_link_args=link_flags,
