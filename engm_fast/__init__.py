@@ -13,12 +13,14 @@ from . import ops, reference
 from .engine import PerExampleEngine, attach, detach, engine_of
 from .norms import per_example_grad_norms
 from .optim import ENGM
+from . import at  # noqa: E402  (attacks use the engine)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ENGM",
     "PerExampleEngine",
+    "at",
     "attach",
     "available_backends",
     "current_backend",

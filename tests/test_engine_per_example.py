@@ -371,3 +371,23 @@ def test_conv_routes_and_chunking(monkeypatch):
                           Flatten(), nn.Linear(16, 3))
     _check_model(model, torch.randn(5, 2, 5, 5), torch.randint(0, 3, (5,)))
     assert set(seen) == {"direct", "ghost"}
+
+
+def test_pgd_attack_pauses_recording():
+    """engm_fast.at.pgd_attack runs with the engine paused: no taps in its graphs at all."""
+    from engm_fast.engine import tap as tap_mod
+
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), Flatten(), nn.Linear(27, 3)).double()
+    engine = engm_fast.attach(model)
+    calls = []
+    original = tap_mod._Tap.apply
+    tap_mod._Tap.apply = lambda *a: calls.append(1) or original(*a)
+    try:
+        x, y = torch.rand(4, 1, 5, 5, dtype=torch.float64), torch.randint(0, 3, (4,))
+        engm_fast.at.pgd_attack(model, x, y, eps=0.1, alpha=0.05, steps=3)
+        assert calls == [] and engine._suspended is False
+        model(x)  # outside the attack, recording is back on
+        assert calls == [1, 1]
+    finally:
+        tap_mod._Tap.apply = original
+        engm_fast.detach(model)

@@ -8,12 +8,15 @@ disturbing the gradient that optimizer is about to compute.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..engine import engine_of
 
 __all__ = ["PGD_NORMS", "pgd_attack"]
 
@@ -176,7 +179,10 @@ def pgd_attack(
         x_adv = x.clone()
 
     grad_norms = None
-    with torch.enable_grad():
+    # The attack's graphs are never the engine's: do not record them (saves the taps' cost).
+    engine = engine_of(model)
+    paused = engine.paused() if engine is not None else contextlib.nullcontext()
+    with torch.enable_grad(), paused:
         for _ in range(steps):
             x_adv.requires_grad_(True)
             losses = loss_fn(model(x_adv), y)

@@ -18,6 +18,7 @@ nothing: the taps are identities whose records live and die with their graph.
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
 from typing import Iterable
 
@@ -188,6 +189,29 @@ class PerExampleEngine:
     def fallback_modules(self) -> list[str]:
         """Names of the modules handled by the torch.func fallback."""
         return list(self._fallback_modules)
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Forwards inside the block are not recorded (the hooks return at once).
+
+        For passes whose graph the engine will never use, e.g. an attack's input-gradient
+        passes: they then cost nothing extra. :func:`engm_fast.at.pgd_attack` does this itself.
+
+        Example:
+            >>> import torch, engm_fast
+            >>> model = torch.nn.Linear(3, 2)
+            >>> engine = engm_fast.attach(model)
+            >>> with engine.paused():
+            ...     out = model(torch.randn(4, 3, requires_grad=True))
+            >>> out.grad_fn.name()
+            'AddmmBackward0'
+        """
+        previous = self._suspended
+        self._suspended = True
+        try:
+            yield self
+        finally:
+            self._suspended = previous
 
     def remove(self) -> None:
         """Removes the forward hooks (the engine is unusable afterwards)."""
