@@ -16,7 +16,6 @@ per-example input-gradient norms through an affine fit to exact norms refreshed 
 """
 from __future__ import annotations
 
-import math
 from typing import Iterable
 
 import torch
@@ -24,6 +23,7 @@ import torch.nn as nn
 
 from .. import ops
 from ..engine import attach
+from ..reference import accumulation_dtype
 from .proxy import ProxyCalibration
 from .weighting import check_weighting, example_weights
 
@@ -200,7 +200,7 @@ class ENGM(torch.optim.Optimizer):
         calibrate = not self.proxy.fitted or self.backward_steps % self.calibrate_every == 0
         if calibrate:
             return self._exact_backward(losses, keep, input_norms=input_grad_norms.to(losses.device))
-        norms = self.proxy.predict(input_grad_norms.to(losses.device).to(torch.float32 if losses.dtype != torch.float64 else torch.float64))
+        norms = self.proxy.predict(input_grad_norms.to(losses.device, accumulation_dtype(losses.dtype)))
         n_kept = int(keep.sum())
         w = example_weights(norms, self.weighting, self.eps, self.clip_norm, self.power)
         w = torch.where(keep, w, 0.0) / n_kept
