@@ -4,6 +4,8 @@ Commands:
 
 * ``demo``: PGD adversarial training of a small CNN on 8x8 digits with MSGD and ENGM side by
   side (see :mod:`engm_fast.demo`); prints a table and writes a JSON file and a plot.
+* ``bench``: ENGM against torch.func vmap, BackPACK and Opacus, step time and peak memory as
+  ratios to a plain SGD step in the same process (see :mod:`engm_fast.bench`).
 
 Each command is a ``_add_<name>(subparsers)`` function that declares its arguments and sets
 ``func`` to a handler taking the parsed namespace and returning an exit code; adding a
@@ -13,6 +15,7 @@ Example::
 
     $ engm-fast demo --quick --out /tmp/engm_demo
     $ python -m engm_fast demo --epochs 10 --seed 1 --lr-engm 0.5
+    $ engm-fast bench --quick
 """
 from __future__ import annotations
 
@@ -78,8 +81,67 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_bench(subparsers) -> None:
+    from engm_fast.bench.methods import METHODS
+    from engm_fast.bench.suite import cases_for
+
+    p = subparsers.add_parser(
+        "bench",
+        help="ENGM vs vmap, BackPACK and Opacus: step time and peak memory over a plain SGD step",
+        description="Runs each method (ENGM exact and input-proxy, torch.func vmap, BackPACK, Opacus ghost "
+        "clipping) on each case (MLP, CNN, ResNet-18 GN/BN, transformer block, PGD-10 adversarial-training "
+        "iteration) and prints step time and peak step memory as ratios to a plain torch.optim.SGD momentum "
+        "step measured in the same process. A method that cannot run a case is shown with the reason.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to run")
+    p.add_argument("--quick", action="store_true", help="small models and batches, 3 rounds (minutes)")
+    p.add_argument("--cases", nargs="+", metavar="CASE", default=None,
+                   help=f"subset of: {' '.join(cases_for('cuda', quick=False))} (default: all for the device)")
+    p.add_argument("--methods", nargs="+", metavar="METHOD", choices=METHODS, default=None,
+                   help=f"subset of: {' '.join(METHODS)} (default: all; sgd is always run)")
+    p.add_argument("--rounds", type=_positive_int, default=None, help="timing rounds (default 7, quick 3)")
+    p.add_argument("--iters", type=_positive_int, default=None, help="calls per method and round (default 3, quick 1)")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--out", default=None, help="also write the results as JSON to this file")
+    p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
+    p.set_defaults(func=_run_bench)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    import json
+    import os
+
+    import torch
+
+    from engm_fast.bench.suite import format_table, run
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = run(args.cases, args.methods, device=args.device, quick=args.quick, rounds=args.rounds,
+                 iters=args.iters, progress=not args.no_progress)
+    meta = result["meta"]
+    where = meta.get("gpu") or f"{meta['processor']}, {meta['torch_threads']} threads"
+    print(f"engm-fast bench on {args.device} ({where}), torch {meta['torch']}, "
+          f"{meta['rounds']} rounds x {meta['iters']} calls, median of per-round ratios")
+    print(format_table(result["rows"]))
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _add_train(subparsers) -> None:
+    # engm-fast train: declared next to its implementation (engm_fast.at.train).
+    from engm_fast.at.train import add_train_parser
+
+    add_train_parser(subparsers)
+
+
 # One entry per subcommand; order is the order in --help.
-_COMMANDS: list[Callable] = [_add_demo]
+_COMMANDS: list[Callable] = [_add_demo, _add_bench, _add_train]
 
 
 def build_parser() -> argparse.ArgumentParser:
