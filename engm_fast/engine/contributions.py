@@ -40,6 +40,15 @@ class Contribution:
     def per_example(self) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} must implement per_example")
 
+    def compact(self) -> "Contribution":
+        """The same gradients in the form that holds the least memory (default: ``self``).
+
+        The engine calls it as soon as a layer call's output gradient arrives, inside the
+        backward, so that what a contribution no longer needs (the layer's input and output
+        gradient) is freed while the backward runs instead of living until its end.
+        """
+        return self
+
     def zero_examples(self, mask: torch.Tensor) -> "Contribution":
         """The same contribution with examples where ``mask`` is True set to exactly zero.
 

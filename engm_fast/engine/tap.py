@@ -24,7 +24,7 @@ __all__ = ["Record", "tap"]
 class Record:
     """One call of a managed module, completed in backward with the output gradients."""
 
-    __slots__ = ("name", "module", "template", "inputs", "kwargs", "grads", "out_positions")
+    __slots__ = ("name", "module", "template", "inputs", "kwargs", "grads", "out_positions", "contributions")
 
     def __init__(self, name: str, module: torch.nn.Module, args: tuple, kwargs: dict):
         self.name, self.module, self.kwargs = name, module, kwargs
@@ -33,6 +33,9 @@ class Record:
         self.inputs: tuple = ()
         self.grads: tuple = ()
         self.out_positions: list[int] = [0]  # which items of a tuple output were tapped
+        # Set when the engine turns the call into its contributions inside the backward (it then
+        # drops inputs and grads); None until then, and for fallback modules.
+        self.contributions: dict | None = None
 
     def args(self) -> tuple:
         """The positional arguments of the call, tensors restored from the graph."""
@@ -62,7 +65,9 @@ class _Tap(torch.autograd.Function):
             record = ctx.record
             record.inputs = ctx.saved_tensors
             record.grads = grads
+            record.contributions = None
             session.append(record)
+            ctx.engine._on_recorded(record)
         return (None, None, None, None) + grads + (None,) * (len(ctx.saved_tensors))
 
 

@@ -16,6 +16,7 @@ per-example input-gradient norms through an affine fit to exact norms refreshed 
 """
 from __future__ import annotations
 
+import warnings
 from typing import Iterable
 
 import torch
@@ -24,6 +25,7 @@ import torch.nn as nn
 from .. import ops
 from ..engine import attach
 from ..reference import accumulation_dtype
+from .distributed import StepSums, _reduce_step_sums, ddp_of
 from .proxy import ProxyCalibration
 from .weighting import check_weighting, example_weights
 
@@ -40,7 +42,9 @@ class ENGM(torch.optim.Optimizer):
 
     Args:
         model: the model whose forward produces the losses (the engine attaches to it here, so
-            build the optimizer before the forward).
+            build the optimizer before the forward). A ``DistributedDataParallel`` model makes
+            every ``backward`` reduce over the ranks (see :meth:`backward`); a torch.compile'd
+            model works (not with ``fullgraph=True``).
         lr, momentum, dampening, nesterov, weight_decay: as ``torch.optim.SGD``.
         weighting: ``"normalize"`` (``1/(||g_i||+eps)``), ``"clip"`` (``min(1, clip_norm/||g_i||)``)
             or ``"power"`` (``(||g_i||+eps)^-power``; 0 is MSGD, 1 is normalize).
@@ -92,11 +96,16 @@ class ENGM(torch.optim.Optimizer):
             raise ValueError(f"calibrate_every must be an int >= 1, got {calibrate_every!r}")
         if nonfinite not in _NONFINITE:
             raise ValueError(f"nonfinite must be one of {_NONFINITE}, got {nonfinite!r}")
+        ddp = ddp_of(model)
+        if ddp is not None and getattr(ddp, "static_graph", False):
+            raise ValueError("ENGM does not support DistributedDataParallel(static_graph=True): DDP's delayed "
+                             "all-reduce would run inside ENGM's backward; use static_graph=False (the default)")
         if params is None:
             params = [p for p in model.parameters() if p.requires_grad]
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov, weight_decay=weight_decay)
         super().__init__(params, defaults)
         self.model = model
+        self._check_one_device()
         self.engine = attach(model)
         self.weighting, self.eps, self.clip_norm, self.power = weighting, eps, clip_norm, power
         self.norm_source, self.calibrate_every = norm_source, calibrate_every
@@ -106,10 +115,44 @@ class ENGM(torch.optim.Optimizer):
         self.last_dropped: list[int] = []
         self.diagnostics: dict = {}
         self._last_input: torch.Tensor | None = None
+        self._ddp = ddp
+        self._pending: StepSums | None = None  # this rank's sums accumulated under DDP's no_sync()
         if norm_source == "input_proxy":
             model.register_forward_pre_hook(self._keep_input)
 
     # -- helpers ---------------------------------------------------------------------------
+    def add_param_group(self, param_group: dict) -> None:
+        """As ``torch.optim.Optimizer.add_param_group``; also starts recording modules added to
+        the model since the optimizer was built (call it before the forward that uses them)."""
+        super().add_param_group(param_group)
+        engine = getattr(self, "engine", None)  # None while __init__ adds the first groups
+        if engine is not None:
+            try:
+                self._check_one_device()
+            except ValueError:
+                self.param_groups.pop()  # leave the optimizer as it was
+                raise
+            engine.refresh()
+
+    def _check_one_device(self) -> None:
+        # Per-example norms add up over all parameters and the weights multiply every layer's
+        # records: with layers on several devices (model parallelism) that would need
+        # cross-device traffic the engine does not do. One device per process; DDP for more.
+        names = {p: n for n, p in self.model.named_parameters()}
+        devices: dict[torch.device, str] = {}
+        for g in self.param_groups:
+            for p in g["params"]:
+                devices.setdefault(p.device, names.get(p, tuple(p.shape)))
+        if len(devices) > 1:
+            shown = ", ".join(f"{d} (e.g. {n!r})" for d, n in devices.items())
+            raise ValueError(f"ENGM: parameters on several devices: {shown}; per-example weighting needs the "
+                             "whole model on one device per process (use DistributedDataParallel for several GPUs)")
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As ``torch.optim.Optimizer.zero_grad``; also drops sums accumulated under DDP's ``no_sync()``."""
+        self._pending = None
+        super().zero_grad(set_to_none=set_to_none)
+
     def _params(self) -> list[nn.Parameter]:
         return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
 
@@ -128,12 +171,18 @@ class ENGM(torch.optim.Optimizer):
     def _input_grad_norms(self, losses: torch.Tensor) -> torch.Tensor:
         x = self._last_input
         if x is None:
-            raise ValueError("norm_source='input_proxy': pass input_grad_norms (e.g. from the attack), or feed "
-                             "the model a floating-point input tensor as its first argument")
+            raise ValueError("norm_source='input_proxy': the model has not been called on a floating-point input "
+                             "tensor since the optimizer was built (losses from another model?); pass "
+                             "input_grad_norms (e.g. from the attack) or feed the model its input as first argument")
         (gx,) = torch.autograd.grad(losses.sum(), x, retain_graph=True, allow_unused=True)
         if gx is None:
-            raise ValueError("norm_source='input_proxy': the losses do not depend on the last input the model "
-                             "saw; pass input_grad_norms explicitly")
+            raise ValueError("norm_source='input_proxy': the losses do not depend on the last input the model saw "
+                             "(losses from another model, or from an earlier forward?); pass input_grad_norms "
+                             "explicitly")
+        if gx.shape[0] != losses.shape[0]:
+            raise ValueError(f"losses has shape {tuple(losses.shape)} but the model's last input has a batch of "
+                             f"{gx.shape[0]} (input shape {tuple(gx.shape)}): losses must hold one entry per example "
+                             "(reduction='none', not averaged)")
         return gx.reshape(gx.shape[0], -1).float().norm(dim=1)
 
     def _finite_mask(self, values: torch.Tensor, what: str) -> torch.Tensor:
@@ -151,94 +200,186 @@ class ENGM(torch.optim.Optimizer):
         return finite
 
     # -- the ENGM backward -------------------------------------------------------------------
-    def backward(self, losses: torch.Tensor, input_grad_norms: torch.Tensor | None = None) -> torch.Tensor:
+    def backward(self, losses: torch.Tensor, input_grad_norms: torch.Tensor | None = None,
+                 scaler: "torch.amp.GradScaler | None" = None) -> torch.Tensor:
         """Writes ``(1/B) sum_i w_i g_i`` into each parameter's ``.grad`` (accumulating, as
         ``loss.backward()`` does: call ``zero_grad()`` first) and returns the norms used.
+
+        Nothing is written when it raises: every check and every gradient is computed first.
 
         Args:
             losses: ``[B]`` per-example losses (``reduction="none"``), not averaged.
             input_grad_norms: ``[B]`` norms of ``grad_x loss_i`` for ``norm_source="input_proxy"``
                 (e.g. from the last PGD step); computed by one input backward when omitted.
+            scaler: a ``torch.amp.GradScaler``: pass the UNSCALED losses; ENGM scales them
+                (``scaler.scale``), takes the weights from the unscaled norms, and leaves the
+                scaled gradient in ``.grad`` for ``scaler.step(opt)`` to unscale. A non-finite
+                gradient norm then counts as an overflow of the scaled backward: ``.grad`` is
+                set to NaN so that ``scaler.step`` skips the step and ``scaler.update()``
+                lowers the scale, as with ``scaler.scale(loss).backward()``.
+
+        Under DistributedDataParallel (the optimizer was built with the DDP model), the result
+        is single-process ENGM on the concatenation of all ranks' batches: ``.grad`` gets
+        ``(1/N) sum_i w_i g_i`` over the ``N`` examples of all ranks. A backward made inside
+        ``model.no_sync()`` only accumulates this rank's sums (no communication, ``.grad``
+        untouched); the next backward made outside ``no_sync`` reduces them together with its
+        own batch, as ONE batch of all those examples (see the README, "Distributed training").
 
         Returns:
             ``[B]`` per-example gradient norms the weights were computed from (exact, or the
-            calibrated proxy estimate), float32 (float64 for a float64 model).
+            calibrated proxy estimate), float32 (float64 for a float64 model); this rank's
+            examples under DDP.
         """
         if not isinstance(losses, torch.Tensor) or losses.dim() != 1:
             shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
             raise ValueError(f"losses must be a 1-D tensor of per-example losses [B], got {shape}")
-        keep = self._finite_mask(losses.detach(), "losses")
-        if self.norm_source == "input_proxy":
-            return self._proxy_backward(losses, keep, input_grad_norms)
-        if input_grad_norms is not None:
+        if input_grad_norms is not None and self.norm_source != "input_proxy":
             raise ValueError("input_grad_norms is only used with norm_source='input_proxy'")
-        return self._exact_backward(losses, keep)
+        if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
+            raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+        exact = (self.norm_source == "exact" or not self.proxy.fitted
+                 or self.backward_steps % self.calibrate_every == 0)
+        ddp = self._ddp
+        if ddp is None:
+            part = self._local(losses, input_grad_norms, scaler, exact, normalize=True)
+            self._apply(part)
+            return part.local_norms
+        try:
+            part, error = self._local(losses, input_grad_norms, scaler, exact, normalize=False), None
+        except Exception as exc:  # raised below on every rank, after the ranks agree there was one
+            part, error = None, exc
+        if not ddp.require_backward_grad_sync:  # inside model.no_sync(): accumulate locally
+            if error is not None:
+                raise error
+            self._pending = part if self._pending is None else self._pending.merge(part)
+            return part.local_norms
+        if part is not None and self._pending is not None:
+            try:
+                part_all = self._pending.merge(part)
+            except Exception as exc:
+                part_all, error = None, exc
+        else:
+            part_all = part
+        device = losses.device
+        total = _reduce_step_sums(part_all, error, self._params(), ddp.process_group, device)
+        self._pending = None
+        self._apply(total)
+        return part.local_norms
 
-    def _exact_backward(self, losses: torch.Tensor, keep: torch.Tensor,
-                        input_norms: torch.Tensor | None = None) -> torch.Tensor:
+    def _local(self, losses: torch.Tensor, input_grad_norms, scaler, exact: bool, normalize: bool) -> StepSums:
+        """This rank's sums for one batch; ``normalize`` divides them by the kept count (no DDP)."""
+        acc = accumulation_dtype(losses.dtype) if losses.is_floating_point() else torch.float32
+        if losses.shape[0] == 0 and not normalize:
+            # A DDP rank with no examples this step still takes part in the reduction.
+            part = StepSums(exact)
+            part.local_norms = torch.zeros(0, dtype=acc, device=losses.device)
+            self.last_dropped = []
+            return part
+        if losses.shape[0] == 0:
+            raise ValueError("losses is empty (batch of 0 examples): nothing to compute")
+        keep = self._finite_mask(losses.detach(), "losses")
+        scaling = scaler is not None and scaler.is_enabled()
+        scale = 1.0
+        if scaling:
+            losses = scaler.scale(losses)
+            scale = float(scaler.get_scale())
+        part = StepSums(exact, scale, normalized=normalize)
+        in_norms = None
+        if self.norm_source == "input_proxy":
+            computed = input_grad_norms is None
+            in_norms = (self._input_grad_norms(losses) / scale) if computed else input_grad_norms.detach()
+            if in_norms.shape != losses.shape:
+                raise ValueError(f"input_grad_norms has shape {tuple(in_norms.shape)}, losses {tuple(losses.shape)}")
+            in_norms = in_norms.to(losses.device)
+            if scaling and computed and not bool(torch.isfinite(in_norms[keep]).all()):
+                return self._overflow(part, losses, acc)
+            keep = keep & self._finite_mask(in_norms, "input-gradient norms")
+        params = self._params()
         dropping = not bool(keep.all())
-        loss_weights = keep.to(losses.dtype) if dropping else None
-        grads = self.engine.backward(losses, self._params(), loss_weights=loss_weights)
-        if dropping:
-            grads = grads.zero_examples(~keep)
-        norms = grads.sqnorms().sqrt()
-        keep = keep & self._finite_mask(torch.where(keep, norms, 0.0), "per-example gradient norms")
-        if not bool(keep.all()) and not dropping:
-            grads = grads.zero_examples(~keep)
-        if input_norms is not None:
-            self.proxy.update(input_norms[keep], norms[keep])
-        self._write(grads, norms, keep)
-        return norms
-
-    def _proxy_backward(self, losses, keep, input_grad_norms):
-        if input_grad_norms is None:
-            input_grad_norms = self._input_grad_norms(losses)
-        input_grad_norms = input_grad_norms.detach()
-        if input_grad_norms.shape != losses.shape:
-            raise ValueError(f"input_grad_norms has shape {tuple(input_grad_norms.shape)}, losses {tuple(losses.shape)}")
-        keep = keep & self._finite_mask(input_grad_norms, "input-gradient norms")
-        calibrate = not self.proxy.fitted or self.backward_steps % self.calibrate_every == 0
-        if calibrate:
-            return self._exact_backward(losses, keep, input_norms=input_grad_norms.to(losses.device))
-        norms = self.proxy.predict(input_grad_norms.to(losses.device, accumulation_dtype(losses.dtype)))
-        n_kept = int(keep.sum())
-        w = example_weights(norms, self.weighting, self.eps, self.clip_norm, self.power)
-        w = torch.where(keep, w, 0.0) / n_kept
-        total = (torch.where(keep, losses, 0.0) * w.to(losses.dtype)).sum()
-        total.backward()
-        self._record(norms, keep, w, None)
-        return norms
-
-    def _write(self, grads, norms: torch.Tensor, keep: torch.Tensor) -> None:
-        n_kept = int(keep.sum())
-        if n_kept == 0:
+        if exact:
+            grads = self.engine.backward(losses, params, loss_weights=keep.to(losses.dtype) if dropping else None)
+            if dropping:
+                grads = grads.zero_examples(~keep)
+            norms = grads.sqnorms().sqrt()
+            if scale != 1.0:
+                norms = norms / scale
+            finite = torch.isfinite(torch.where(keep, norms, 0.0))
+            if not bool(finite.all()):
+                if scaling:
+                    return self._overflow(part, losses, acc, norms)
+                keep = keep & self._finite_mask(torch.where(keep, norms, 0.0), "per-example gradient norms")
+                grads = grads.zero_examples(~keep)
+        else:
+            norms = self.proxy.predict(in_norms.to(acc))
+        n = int(keep.sum())
+        if normalize and n == 0:
             raise FloatingPointError("every example was dropped as non-finite: no step can be taken")
-        w = example_weights(norms.clamp_min(0), self.weighting, self.eps, self.clip_norm, self.power)
-        w = torch.where(keep, w, torch.zeros((), dtype=w.dtype, device=w.device)) / n_kept
-        new = grads.weighted_grads(w)  # everything computed before any .grad is written
-        variance = None
-        if self.track_variance:
-            mean = grads.weighted_grads(keep.to(norms.dtype) / n_kept)
-            mean_sq = sum(float(g.double().pow(2).sum()) for g in mean.values())
-            variance = float(norms[keep].double().pow(2).mean()) - mean_sq
-        for p, g in new.items():
+        zero = torch.zeros((), dtype=norms.dtype, device=norms.device)
+        phi = torch.where(keep, example_weights(norms.clamp_min(0), self.weighting, self.eps, self.clip_norm,
+                                                self.power), zero)
+        w = phi / n if normalize and n else phi
+        if exact:
+            part.sums = grads.weighted_grads(w)  # every gradient computed before any .grad is written
+            if self.track_variance:
+                part.plain = grads.weighted_grads(keep.to(norms.dtype) / (n if normalize and n else 1))
+            if in_norms is not None:
+                part.pairs = [(in_norms[keep].detach(), norms[keep].detach())]
+        elif not dropping:
+            # Proxy step: one ordinary backward of sum_i w_i loss_i. autograd.grad, not
+            # .backward(): it leaves .grad (and DDP's hooks on it) alone.
+            total = (losses * w.to(losses.dtype)).sum()
+            grads_list = torch.autograd.grad(total, params, allow_unused=True)
+            part.sums = {p: g for p, g in zip(params, grads_list) if g is not None}
+        else:
+            # Dropped examples may carry NaN activations: 0 * NaN in the batch's weight-gradient
+            # GEMM would poison every parameter, so go through the engine and zero them exactly.
+            grads = self.engine.backward(losses, params, loss_weights=keep.to(losses.dtype)).zero_examples(~keep)
+            part.sums = grads.weighted_grads(w)
+        part.add_stats(norms, phi, keep)
+        part.local_norms = norms
+        self.last_dropped = (~keep).nonzero().flatten().tolist()
+        return part
+
+    def _overflow(self, part: StepSums, losses: torch.Tensor, acc, norms=None) -> StepSums:
+        part.overflow = True
+        part.local_norms = norms if norms is not None else torch.full(losses.shape, float("nan"), dtype=acc,
+                                                                      device=losses.device)
+        self.last_dropped = []
+        return part
+
+    def _apply(self, part: StepSums) -> None:
+        """Writes a complete (normalized) StepSums into .grad, the proxy fit and the diagnostics."""
+        self.backward_steps += 1
+        if part.overflow:
+            # GradScaler finds these in unscale_ and skips opt.step(); update() lowers the scale.
+            for p in self._params():
+                if p.grad is None:
+                    p.grad = torch.full_like(p, float("nan"))
+                else:
+                    p.grad.fill_(float("nan"))
+            self.diagnostics = {"norm_mean": float("nan"), "norm_max": float("nan"), "norm_min": float("nan"),
+                                "weight_mean": float("nan"), "grad_variance": None, "n_dropped": 0, "overflow": True}
+            return
+        for p, g in part.sums.items():
             if p.grad is None:
                 p.grad = g.detach()
             else:
                 p.grad.add_(g)
-        self._record(norms, keep, w, variance)
-
-    def _record(self, norms, keep, w, variance) -> None:
-        self.backward_steps += 1
-        kept = norms[keep]
-        self.last_dropped = (~keep).nonzero().flatten().tolist()
+        if part.pairs:
+            self.proxy.update(torch.cat([x.double().cpu() for x, _ in part.pairs]),
+                              torch.cat([y.double().cpu() for _, y in part.pairs]))
+        variance = None
+        if part.plain is not None:
+            mean_sq = sum(float((g.double() / part.scale).pow(2).sum()) for g in part.plain.values())
+            variance = part.sum_sq / part.n - mean_sq
         self.diagnostics = {
-            "norm_mean": float(kept.mean()),
-            "norm_max": float(kept.max()),
-            "norm_min": float(kept.min()),
-            "weight_mean": float(w[keep].mean()) * int(keep.sum()),
+            "norm_mean": part.sum_norm / part.n,
+            "norm_max": part.max_norm,
+            "norm_min": part.min_norm,
+            "weight_mean": part.sum_phi / part.n,
             "grad_variance": variance,
-            "n_dropped": len(self.last_dropped),
+            "n_dropped": part.n_dropped,
+            "overflow": False,
         }
 
     @property
@@ -255,6 +396,9 @@ class ENGM(torch.optim.Optimizer):
         for the params that already have a momentum buffer, and one (``first_step=True``, fresh
         buffers) for those that get theirs now; params without ``.grad`` are skipped.
         """
+        if self._pending is not None:
+            raise RuntimeError("ENGM.step(): gradients accumulated under model.no_sync() have not been reduced "
+                               "across ranks yet; make the last backward of the accumulation outside no_sync()")
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -291,11 +435,18 @@ class ENGM(torch.optim.Optimizer):
 
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        """``torch.optim.Optimizer.state_dict`` (momentum buffers, param groups) plus ``"engm"``:
+        ``backward_steps`` and the input proxy's calibration (its fit and the pairs it is fit on).
+        Save it after ``step()``: sums accumulated under DDP's ``no_sync()`` are not saved."""
+        if self._pending is not None:
+            warnings.warn("ENGM.state_dict(): gradients accumulated under model.no_sync() are not saved; "
+                          "save after the reducing backward and step()", stacklevel=2)
         state = super().state_dict()
         state["engm"] = {"backward_steps": self.backward_steps, "proxy": self.proxy.state_dict()}
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Restores :meth:`state_dict`'s content (a state without ``"engm"`` keeps the current one)."""
         state_dict = dict(state_dict)
         extra = state_dict.pop("engm", None)
         super().load_state_dict(state_dict)

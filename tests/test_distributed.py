@@ -1,0 +1,213 @@
+"""ENGM under DistributedDataParallel: 2 CPU processes (gloo) against single-process ENGM.
+
+One spawn runs every scenario (each process imports torch once): uneven and empty per-rank
+batches, no_sync accumulation, the input proxy, an error on one rank, and DDP's own reducer
+staying idle. The reference is single-process ENGM on the concatenation of the ranks' batches
+(rank order), float64, compared within 1e-10.
+"""
+from __future__ import annotations
+
+import datetime
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+
+import engm_fast
+
+WORLD = 2
+TOL = 1e-10
+HP = dict(lr=0.2, momentum=0.9, weight_decay=1e-3)
+
+
+def _model():
+    torch.manual_seed(11)
+    return nn.Sequential(nn.Conv2d(1, 3, 3), nn.GroupNorm(1, 3), nn.ReLU(), nn.Flatten(), nn.Linear(27, 4)).double()
+
+
+def _data(sizes, seed):
+    """``[(x, y)]`` per size, identical in every process."""
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(n, 1, 5, 5, generator=g, dtype=torch.float64), torch.randint(0, 4, (n,), generator=g))
+            for n in sizes]
+
+
+def _cat(batches):
+    return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+
+
+def _losses(model, batch):
+    return F.cross_entropy(model(batch[0]), batch[1], reduction="none")
+
+
+def _assert_params_equal(model, ref, what):
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        err = float((p - q).abs().max())
+        assert err <= TOL, f"{what}: {name} differs from single-process ENGM by {err:.3e}"
+
+
+def _scenario_uneven_and_empty(rank):
+    """Per-rank batches (5, 3), then (4, 0): equals ENGM on the concatenation, step by step."""
+    model, ref = _model(), _model()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = engm_fast.ENGM(ddp, **HP, track_variance=True)
+    ref_opt = engm_fast.ENGM(ref, **HP, track_variance=True)
+    calls = []
+    ddp.register_comm_hook(None, _counting_hook(calls))
+    for step, sizes in enumerate([(5, 3), (2, 6), (4, 0)]):
+        per_rank = _data(sizes, seed=100 + step)
+        opt.zero_grad()
+        norms = opt.backward(_losses(ddp, per_rank[rank]))
+        assert norms.shape == (sizes[rank],)
+        opt.step()
+        ref_opt.zero_grad()
+        ref_norms = ref_opt.backward(_losses(ref, _cat(per_rank)))
+        ref_opt.step()
+        offset = sum(sizes[:rank])
+        torch.testing.assert_close(norms, ref_norms[offset:offset + sizes[rank]], rtol=0, atol=TOL)
+        _assert_params_equal(model, ref, f"step {step}, sizes {sizes}")
+        for key in ("norm_mean", "norm_max", "norm_min", "weight_mean", "grad_variance"):
+            assert opt.diagnostics[key] == pytest.approx(ref_opt.diagnostics[key], rel=1e-9, abs=1e-12), key
+    assert opt.backward_steps == 3
+    assert calls == [], "DDP's reducer reduced ENGM's gradients too (double reduction)"
+    # Control: an ordinary backward through the same DDP model does reach DDP's reducer.
+    opt.zero_grad()
+    F.cross_entropy(ddp(per_rank[0][0]), per_rank[0][1]).backward()
+    assert calls, "the comm-hook counter never fires: the double-reduction check above cannot fail"
+
+
+def _counting_hook(calls):
+    def hook(state, bucket):
+        calls.append(1)
+        fut = torch.futures.Future()
+        fut.set_result(bucket.buffer())
+        return fut
+    return hook
+
+
+def _scenario_no_sync(rank):
+    """Two micro-batches under no_sync, one outside: ONE ENGM batch of all 3 x 2 micro-batches."""
+    model, ref = _model(), _model()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = engm_fast.ENGM(ddp, **HP)
+    ref_opt = engm_fast.ENGM(ref, **HP)
+    for step in range(2):
+        sizes = [(3, 2), (1, 4), (2, 2)]  # micro-batch k: (rank 0 size, rank 1 size)
+        micro = [_data(s, seed=200 + 10 * step + k) for k, s in enumerate(sizes)]
+        opt.zero_grad()
+        with ddp.no_sync():
+            for k in range(2):
+                opt.backward(_losses(ddp, micro[k][rank]))
+            assert all(p.grad is None for p in model.parameters()), "no_sync micro-batch wrote .grad"
+            with pytest.raises(RuntimeError, match="no_sync"):
+                opt.step()  # nothing reduced yet: a step now would be a local, partial one
+        opt.backward(_losses(ddp, micro[2][rank]))
+        opt.step()
+        # Reference: rank 0's micro-batches, then rank 1's, as one batch.
+        ref_batch = _cat([micro[k][r] for r in range(WORLD) for k in range(3)])
+        ref_opt.zero_grad()
+        ref_opt.backward(_losses(ref, ref_batch))
+        ref_opt.step()
+        _assert_params_equal(model, ref, f"no_sync step {step}")
+    assert opt.backward_steps == ref_opt.backward_steps == 2
+
+
+def _scenario_proxy(rank):
+    """input_proxy: calibration pairs gathered from all ranks, so every rank fits the same line."""
+    model, ref = _model(), _model()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    kw = dict(HP, norm_source="input_proxy", calibrate_every=2)
+    opt = engm_fast.ENGM(ddp, **kw)
+    ref_opt = engm_fast.ENGM(ref, **kw)
+    for step, sizes in enumerate([(4, 3), (5, 2), (3, 3), (2, 5)]):
+        per_rank = _data(sizes, seed=300 + step)
+        opt.zero_grad()
+        opt.backward(_losses(ddp, per_rank[rank]))
+        opt.step()
+        ref_opt.zero_grad()
+        ref_opt.backward(_losses(ref, _cat(per_rank)))
+        ref_opt.step()
+        _assert_params_equal(model, ref, f"proxy step {step}")
+        got, want = opt.proxy_stats, ref_opt.proxy_stats
+        assert got["n_pairs"] == want["n_pairs"] and got["calibrations"] == want["calibrations"]
+        for key in ("alpha", "beta", "pearson_r"):
+            assert got[key] == pytest.approx(want[key], rel=1e-9, abs=1e-12), key
+    assert opt.proxy_stats["calibrations"] == 2  # steps 0 and 2 calibrate
+
+
+def _scenario_error_on_one_rank(rank):
+    """NaN loss on rank 1 only: both ranks raise (no hang), nothing written; the next step works."""
+    model = _model()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = engm_fast.ENGM(ddp, **HP)
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = _data((4, 4), seed=400)[rank]
+    if rank == 1:
+        x = x.clone()
+        x[2] = float("nan")
+    opt.zero_grad()
+    expected = (FloatingPointError, r"1 of 4 losses") if rank == 1 else (RuntimeError, r"rank\(s\) \[1\].*FloatingPointError")
+    with pytest.raises(expected[0], match=expected[1]):
+        opt.backward(_losses(ddp, (x, y)))
+    assert all(p.grad is None for p in model.parameters())
+    opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    x, y = _data((4, 4), seed=401)[rank]
+    opt.backward(_losses(ddp, (x, y)))
+    opt.step()
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def _scenario_grad_scaler(rank):
+    """GradScaler under DDP: the reduced, unscaled step equals single-process ENGM without one."""
+    model, ref = _model(), _model()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt, ref_opt = engm_fast.ENGM(ddp, **HP), engm_fast.ENGM(ref, **HP)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8, growth_interval=1)
+    for step, sizes in enumerate([(3, 5), (4, 2)]):
+        per_rank = _data(sizes, seed=500 + step)
+        opt.zero_grad()
+        opt.backward(_losses(ddp, per_rank[rank]), scaler=scaler)
+        scaler.step(opt)
+        scaler.update()
+        ref_opt.zero_grad()
+        ref_opt.backward(_losses(ref, _cat(per_rank)))
+        ref_opt.step()
+        _assert_params_equal(model, ref, f"scaler step {step}")
+    assert scaler.get_scale() == 2.0 ** 10
+
+
+def _scenario_static_graph_rejected(rank):
+    ddp = nn.parallel.DistributedDataParallel(_model(), static_graph=True)
+    with pytest.raises(ValueError, match="static_graph"):
+        engm_fast.ENGM(ddp, lr=0.1)
+
+
+SCENARIOS = [_scenario_uneven_and_empty, _scenario_no_sync, _scenario_proxy, _scenario_error_on_one_rank,
+             _scenario_grad_scaler, _scenario_static_graph_rejected]
+
+
+def _worker(rank, port):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=60))  # a hang fails the test instead of blocking it
+    try:
+        for scenario in SCENARIOS:
+            scenario(rank)
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_engm_equals_single_process_engm():
+    mp.spawn(_worker, args=(_free_port(),), nprocs=WORLD, join=True)
