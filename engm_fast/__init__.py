@@ -14,6 +14,7 @@ from .engine import PerExampleEngine, attach, detach, engine_of
 from .norms import per_example_grad_norms
 from .optim import ENGM
 from . import at  # noqa: E402  (attacks use the engine)
+from . import regularizers
 
 __version__ = "0.1.0"
 
@@ -30,5 +31,6 @@ __all__ = [
     "ops",
     "per_example_grad_norms",
     "reference",
+    "regularizers",
     "use_backend",
 ]
