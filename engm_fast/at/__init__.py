@@ -1,4 +1,11 @@
-"""Adversarial training helpers: attacks used to craft training and evaluation examples.
+"""Adversarial training (AT) toolkit: attacks, per-example AT losses, temporal ensembling, monitor.
+
+* :func:`pgd_attack`, :func:`trades_attack`: the inner maximizations.
+* :func:`pgd_at_losses`, :func:`trades_losses`, :func:`mart_losses`: outer losses as ``[B]``
+  vectors (plug into ``ENGM.backward``); :func:`adversarial_losses` does attack + loss of a method.
+* :class:`TemporalEnsembling`, :func:`te_penalty`, :func:`sigmoid_rampup`: Dong et al.'s TE.
+* :class:`GradientMonitor`: gradient norm / variance statistics per step and epoch.
+* ``engm_fast.at.train``: the ``engm-fast train`` command (imported on demand).
 
 Example::
 
@@ -10,5 +17,42 @@ Example::
     torch.Size([4, 1, 8, 8])
 """
 from engm_fast.at.attacks import PGD_NORMS, pgd_attack
+from engm_fast.at.losses import (
+                                 AT_METHODS,
+                                 ATBatch,
+                                 adversarial_losses,
+                                 cross_entropy_losses,
+                                 kl_per_example,
+                                 mart_losses,
+                                 pgd_at_losses,
+                                 trades_attack,
+                                 trades_losses,
+)
+from engm_fast.at.monitor import GradientMonitor
+from engm_fast.at.temporal_ensembling import (
+                                 TE_DEFAULTS,
+                                 TemporalEnsembling,
+                                 sigmoid_rampup,
+                                 te_penalty,
+                                 te_schedule,
+)
 
-__all__ = ["PGD_NORMS", "pgd_attack"]
+__all__ = [
+                                 "AT_METHODS",
+                                 "PGD_NORMS",
+                                 "TE_DEFAULTS",
+                                 "ATBatch",
+                                 "GradientMonitor",
+                                 "TemporalEnsembling",
+                                 "adversarial_losses",
+                                 "cross_entropy_losses",
+                                 "kl_per_example",
+                                 "mart_losses",
+                                 "pgd_at_losses",
+                                 "pgd_attack",
+                                 "sigmoid_rampup",
+                                 "te_penalty",
+                                 "te_schedule",
+                                 "trades_attack",
+                                 "trades_losses",
+]
