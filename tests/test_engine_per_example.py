@@ -97,7 +97,8 @@ CONV_CASES = [
     (nn.Conv2d, (2, 5, 6), dict(out_channels=3, kernel_size=3, padding=2, padding_mode="circular")),
     (nn.Conv2d, (1, 1, 1), dict(out_channels=1, kernel_size=1)),
     (nn.Conv2d, (8, 4, 4), dict(out_channels=16, kernel_size=3, stride=2)),  # T=1: ghost route
-    (nn.Conv2d, (8, 5, 5), dict(out_channels=8, kernel_size=3, stride=2, groups=2)),  # T=4: ghost route
+    (nn.Conv2d, (8, 5, 5), dict(out_channels=8, kernel_size=3, stride=2, groups=2)),  # T=4, grouped: direct
+    (nn.Conv2d, (8, 5, 5), dict(out_channels=16, kernel_size=3, stride=2, groups=2)),  # T=4, grouped: ghost
     (nn.Conv3d, (2, 5, 4, 6), dict(out_channels=3, kernel_size=(2, 3, 2), stride=(1, 2, 1), padding=1)),
     (nn.Conv3d, (4, 4, 5, 3), dict(out_channels=2, kernel_size=2, dilation=(2, 1, 1), groups=2, padding="same")),
 ]
