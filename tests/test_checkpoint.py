@@ -1,6 +1,7 @@
 """Checkpoint and resume: N steps in one go equal k steps, torch.save, fresh objects, torch.load,
 N - k steps, bit for bit on the CPU (momentum buffers, the input proxy's calibration and
-``backward_steps`` are in ENGM's state_dict; schedulers and GradScaler save their own)."""
+``backward_steps`` are in ENGM's state_dict; schedulers, GradScaler and temporal ensembling save
+their own)."""
 from __future__ import annotations
 
 import os
@@ -146,3 +147,70 @@ def test_state_dict_without_engm_entry_keeps_current_state():
     assert other.opt.backward_steps == 0
     assert all(torch.equal(other.opt.state[q]["momentum_buffer"], run.opt.state[p]["momentum_buffer"])
                for p, q in zip(run.model.parameters(), other.model.parameters()))
+
+
+def test_resume_with_temporal_ensembling_and_attack_is_bitwise():
+    """A TRADES+TE adversarial-training loop with ENGM's input proxy (its calibration, the TE
+    table, the attack's random starts from a saved generator): k steps, save everything, fresh
+    objects, load, N - k steps equals N steps in one go, bit for bit."""
+    import io
+
+    from engm_fast.at import TemporalEnsembling, adversarial_losses
+
+    n_data, steps, k = 12, 6, 3
+
+    def data(step):
+        g = torch.Generator().manual_seed(500 + step)
+        idx = torch.randperm(n_data, generator=g)[:5]
+        return torch.rand(5, 1, 5, 5, generator=g), torch.randint(0, 4, (5,), generator=g), idx
+
+    class ATRun:
+        def __init__(self):
+            self.model = make_model()
+            self.opt = engm_fast.ENGM(self.model, lr=0.1, momentum=0.9, norm_source="input_proxy", calibrate_every=2)
+            self.te = TemporalEnsembling(n_data, 4, es=1, ee=3)
+            self.gen = torch.Generator().manual_seed(7)
+
+        def steps(self, start, stop):
+            for step in range(start, stop):
+                x, y, idx = data(step)
+                epoch = 1 + step // 2
+                self.model.eval()
+                with torch.no_grad():
+                    target = self.te.update(self.model(x), idx, epoch)
+                self.model.train()
+                out = adversarial_losses(self.model, x, y, "trades", eps=0.1, alpha=0.04, steps=2,
+                                         te_target=target, te_weight=self.te.weight(epoch),
+                                         return_input_grad_norms=True, generator=self.gen)
+                self.opt.zero_grad()
+                self.opt.backward(out.losses, input_grad_norms=out.input_grad_norms)
+                self.opt.step()
+
+        def save(self):
+            buf = io.BytesIO()
+            torch.save({"model": self.model.state_dict(), "opt": self.opt.state_dict(), "te": self.te.state_dict(),
+                        "gen": self.gen.get_state()}, buf)
+            buf.seek(0)
+            return buf
+
+        def load(self, buf):
+            ckpt = torch.load(buf)
+            self.model.load_state_dict(ckpt["model"])
+            self.opt.load_state_dict(ckpt["opt"])
+            self.te.load_state_dict(ckpt["te"])
+            self.gen.set_state(ckpt["gen"])
+
+    straight = ATRun()
+    straight.steps(0, steps)
+    first = ATRun()
+    first.steps(0, k)
+    buf = first.save()
+    resumed = ATRun()
+    resumed.load(buf)
+    resumed.steps(k, steps)
+    assert resumed.opt.proxy_stats["calibrations"] == straight.opt.proxy_stats["calibrations"] > 0
+    assert torch.equal(resumed.te.table, straight.te.table)
+    for a, b in zip(resumed.model.parameters(), straight.model.parameters()):
+        assert torch.equal(a, b)
+    for a, b in zip(resumed.model.parameters(), straight.model.parameters()):
+        assert torch.equal(resumed.opt.state[a]["momentum_buffer"], straight.opt.state[b]["momentum_buffer"])
