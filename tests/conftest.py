@@ -2,10 +2,18 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
 from torch.func import functional_call, grad, vmap
+
+# triton decides once per process, at its first import, whether it is compiled or interpreted.
+# Without a GPU the Triton kernels' tests need the interpreter, and other modules import triton
+# at collection time too (``import torch._dynamo`` in test_compile.py does), so choose here,
+# before any test module is imported (test_triton_ops.py explains the rest).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)
