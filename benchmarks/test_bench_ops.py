@@ -34,38 +34,36 @@ def _inputs(shape, device):
             torch.rand(B, generator=g).to(device))
 
 
-def _run(benchmark, device, fn):
+def _bench_op(benchmark, device, backend, op: str, *args):
+    """Times ``reference.<op>(*args)`` or, on another backend, ``engm_fast.ops.<op>(*args)``."""
+    if backend not in _backends(device):
+        pytest.skip(f"backend {backend} is not available on {device.type}")
+    fn = getattr(reference if backend == "reference" else engm_fast.ops, op)
+
     def timed():
-        fn()
+        fn(*args)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-    benchmark.pedantic(timed, rounds=20, iterations=1, warmup_rounds=2)
+
+    if backend == "reference":
+        benchmark.pedantic(timed, rounds=20, iterations=1, warmup_rounds=2)
+    else:
+        with engm_fast.use_backend(backend):
+            benchmark.pedantic(timed, rounds=20, iterations=1, warmup_rounds=2)
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu", "cuda", "triton"])
 @pytest.mark.parametrize("mode", ["direct", "ghost"])
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 def test_sqnorm(benchmark, shape, mode, backend, bench_device):
-    if backend not in _backends(bench_device):
-        pytest.skip(f"backend {backend} is not available on {bench_device.type}")
     a, b, _ = _inputs(SHAPES[shape], bench_device)
     benchmark.group = f"sqnorm_{mode} {shape}"
-    if backend == "reference":
-        _run(benchmark, bench_device, lambda: reference.per_example_sqnorm(a, b, mode))
-    else:
-        with engm_fast.use_backend(backend):
-            _run(benchmark, bench_device, lambda: engm_fast.ops.per_example_sqnorm(a, b, mode))
+    _bench_op(benchmark, bench_device, backend, "per_example_sqnorm", a, b, mode)
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu", "cuda", "triton"])
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 def test_weighted_outer_sum(benchmark, shape, backend, bench_device):
-    if backend not in _backends(bench_device):
-        pytest.skip(f"backend {backend} is not available on {bench_device.type}")
     a, b, w = _inputs(SHAPES[shape], bench_device)
     benchmark.group = f"weighted_outer_sum {shape}"
-    if backend == "reference":
-        _run(benchmark, bench_device, lambda: reference.weighted_outer_sum(a, b, w))
-    else:
-        with engm_fast.use_backend(backend):
-            _run(benchmark, bench_device, lambda: engm_fast.ops.weighted_outer_sum(a, b, w))
+    _bench_op(benchmark, bench_device, backend, "weighted_outer_sum", a, b, w)
