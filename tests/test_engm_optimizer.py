@@ -214,12 +214,29 @@ def test_input_proxy_calibration_and_proxy_step():
             assert stats["pearson_r"] == pytest.approx(r, rel=1e-9)
         else:  # proxy step: weights from alpha * ||grad_x|| + beta, one ordinary backward
             s = opt.proxy_stats
-            est = (s["alpha"] * in_norms + s["beta"]).clamp_min(0)
+            est = (s["alpha"] * in_norms + s["beta"]).clamp_min(s["floor"])
             torch.testing.assert_close(used, est, **TOL)
             w = 1.0 / (est + 1e-6) / x.shape[0]
             for n, p in model.named_parameters():
                 torch.testing.assert_close(p.grad, torch.einsum("b,b...->...", w, g[n]), **TOL)
         opt.step()
+
+
+def test_proxy_prediction_floor_and_old_state_dicts():
+    """A fit with beta < 0 never predicts a norm below the smallest calibrated one (normalize
+    would give 1/eps), and states saved before the floor existed get it from their pairs."""
+    from engm_fast.optim import ProxyCalibration
+
+    cal = ProxyCalibration()
+    x = torch.tensor([2.0, 3.0, 4.0], dtype=torch.float64)
+    cal.update(x, 2 * x - 3)  # alpha 2, beta -3; exact norms 1, 3, 5
+    assert cal.floor == 1.0
+    assert cal.predict(torch.tensor([0.0, 1.0, 4.5], dtype=torch.float64)).tolist() == [1.0, 1.0, 6.0]
+    old = cal.state_dict()
+    del old["floor"]
+    fresh = ProxyCalibration()
+    fresh.load_state_dict(old)
+    assert fresh.floor == 1.0
 
 
 def test_input_proxy_computes_input_gradient_when_not_given():

@@ -195,6 +195,22 @@ def test_sam_bad_input():
         SAM(model.parameters(), torch.optim.SGD(other.parameters(), lr=0.1))
 
 
+def test_first_step_twice_raises_and_leaves_weights_at_the_first_ascent():
+    model = _mlp()
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.0)
+    x, y = _data(6)
+    w0 = [p.detach().clone() for p in model.parameters()]
+    F.cross_entropy(model(x), y).backward()
+    opt.first_step()
+    ascended = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="called twice"):
+        opt.first_step()
+    assert all(torch.equal(p, a) for p, a in zip(model.parameters(), ascended))
+    F.cross_entropy(model(x), y).backward()
+    opt.second_step()  # lr = 0: back at w, up to the rounding of (w + e) - e
+    assert all(torch.allclose(p, w, rtol=0, atol=1e-15) for p, w in zip(model.parameters(), w0))
+
+
 # -- delta-SAM -------------------------------------------------------------------------------------
 
 def _hand_case():

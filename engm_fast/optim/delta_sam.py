@@ -184,6 +184,7 @@ class DeltaSAM(SAM):
             closure: returns the ``[B]`` losses of the same batch (needed by ``"perturbation"``).
             zero_grad: clear ``.grad`` after the ascent (before the backward at ``w + e``).
         """
+        self._check_not_ascended()  # before anything is written
         if not isinstance(losses, torch.Tensor) or losses.dim() != 1:
             shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
             raise ValueError(f"losses must be the 1-D per-example losses [B], got {shape}")

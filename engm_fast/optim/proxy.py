@@ -38,6 +38,10 @@ class ProxyCalibration:
         self.beta = 0.0
         self.pearson_r = float("nan")
         self.calibrations = 0
+        # Predictions are clamped at the smallest exact norm in the window: an affine fit with
+        # beta < 0 (or alpha < 0) can predict 0 or less for an input-gradient norm outside the
+        # calibration data, and "normalize" would then give that example the weight 1/eps.
+        self.floor = 0.0
 
     @property
     def fitted(self) -> bool:
@@ -57,20 +61,30 @@ class ProxyCalibration:
         else:  # all input norms equal: the best affine fit is the mean norm
             self.alpha, self.beta = 0.0, float(y.mean())
         self.pearson_r = sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else float("nan")
+        self.floor = max(0.0, float(y.min())) if y.numel() else 0.0
         self.calibrations += 1
 
     def predict(self, input_norms: torch.Tensor) -> torch.Tensor:
-        """Estimated parameter-gradient norms (clamped at 0)."""
-        return (self.alpha * input_norms + self.beta).clamp_min(0.0)
+        """Estimated parameter-gradient norms, clamped below at the smallest exact norm of the
+        calibration window (:attr:`floor`).
+
+        Example:
+            >>> cal = ProxyCalibration()
+            >>> cal.update(torch.tensor([2.0, 3.0, 4.0]), torch.tensor([1.0, 3.0, 5.0]))  # beta = -3
+            >>> cal.predict(torch.tensor([0.5, 3.5])).tolist()  # -2 is clamped at the floor 1
+            [1.0, 4.0]
+        """
+        return (self.alpha * input_norms + self.beta).clamp_min(self.floor)
 
     def stats(self) -> dict:
         return {"alpha": self.alpha, "beta": self.beta, "pearson_r": self.pearson_r,
-                "n_pairs": sum(int(b[0].numel()) for b in self.batches), "calibrations": self.calibrations}
+                "n_pairs": sum(int(b[0].numel()) for b in self.batches), "calibrations": self.calibrations,
+                "floor": self.floor}
 
     def state_dict(self) -> dict:
         return {"window": self.window, "batches": [(a.clone(), b.clone()) for a, b in self.batches],
                 "alpha": self.alpha, "beta": self.beta, "pearson_r": self.pearson_r,
-                "calibrations": self.calibrations}
+                "calibrations": self.calibrations, "floor": self.floor}
 
     def load_state_dict(self, state: dict) -> None:
         self.window = int(state["window"])
@@ -78,3 +92,7 @@ class ProxyCalibration:
         self.alpha, self.beta = float(state["alpha"]), float(state["beta"])
         self.pearson_r = float(state["pearson_r"])
         self.calibrations = int(state["calibrations"])
+        # States saved before the floor existed: recompute it from the kept pairs.
+        ys = [b for _, b in self.batches if b.numel()]
+        default = max(0.0, float(torch.cat(ys).min())) if ys else 0.0
+        self.floor = float(state.get("floor", default))

@@ -162,13 +162,20 @@ class SAM(torch.optim.Optimizer):
             raise RuntimeError("SAM.first_step: no parameter has a gradient; run backward on the loss at w first")
         return torch.stack(parts).sum().sqrt()
 
+    def _check_not_ascended(self) -> None:
+        if self._ascended:
+            raise RuntimeError("SAM.first_step called twice without a second_step in between: the weights are "
+                               "still at w + e from the first one")
+
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
         """Moves every parameter to ``w + e`` using the gradients in ``.grad``.
 
         Call :meth:`second_step` after the backward at ``w + e``. Parameters without a gradient
-        do not move. A zero gradient gives ``e = 0``.
+        do not move. A zero gradient gives ``e = 0``. Raises if the previous first_step has not
+        been undone by a second_step (a second ascent would leave the first in the weights).
         """
+        self._check_not_ascended()
         norm = self._grad_norm()
         for group in self.param_groups:
             scale = group["rho"] / (float(norm) + 1e-12)
