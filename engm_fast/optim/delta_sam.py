@@ -157,7 +157,9 @@ class DeltaSAM(SAM):
             with bn:
                 for _ in range(self.n_perturb):
                     for p, p0 in zip(params, saved):
-                        noise = torch.randn(p.shape, generator=self.generator, dtype=p.dtype, device=p.device)
+                        # drawn on the generator's device (a CPU generator with CUDA parameters works)
+                        where = self.generator.device if self.generator is not None else p.device
+                        noise = torch.randn(p.shape, generator=self.generator, dtype=p.dtype, device=where).to(p.device)
                         # through .data: the graph of `losses` saved these very tensors, and a
                         # tracked in-place write would invalidate it. Safe because the original
                         # values are copied back bit for bit before any backward runs.
