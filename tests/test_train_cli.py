@@ -77,3 +77,58 @@ def test_eval_every_skips_epochs_but_evaluates_the_last():
     robust = [h["test_robust_acc_pgd1"] for h in res["history"]]
     assert robust[0] is None and robust[1] is not None and robust[2] is not None
     assert res["best_epoch"] in (2, 3)
+
+
+
+def _timeless(history):
+    drop = ("update_ms", "batch_ms", "train_time_s")
+    return [{k: v for k, v in rec.items() if k not in drop} for rec in history]
+
+
+def test_resume_continues_bit_for_bit(tmp_path, monkeypatch):
+    """3 epochs in one go equal the same run interrupted after epoch 2 and resumed with
+    ``--resume`` from that epoch's checkpoint_last.pt: final weights, history and log file.
+    TRADES + TE + ENGM-proxy with augmentation, so every generator and state is exercised."""
+    import engm_fast.at.train as train_mod
+
+    kw = dict(method="trades", optimizer="engm-proxy", te=True, augment=True, train_subset=64, test_subset=16,
+              eval_train_subset=16, train_steps=2, eval_steps=1, calibrate_every=3, progress=False, plots=False,
+              apgd=False, epochs=3)
+    straight = train(TrainConfig(out=str(tmp_path / "straight"), **kw))
+
+    # The "interrupted" run: the same run, with epoch 2's checkpoint_last.pt copied aside.
+    epoch2 = str(tmp_path / "epoch2.pt")
+    real_save = torch.save
+
+    def save(obj, path, *args, **kwargs):
+        real_save(obj, path, *args, **kwargs)
+        if str(path).endswith("checkpoint_last.pt") and obj.get("epoch") == 2:
+            real_save(obj, epoch2)
+
+    monkeypatch.setattr(train_mod.torch, "save", save)
+    train(TrainConfig(out=str(tmp_path / "first"), **kw))
+    monkeypatch.setattr(train_mod.torch, "save", real_save)
+
+    out = str(tmp_path / "resumed")
+    resumed = train(TrainConfig(out=out, resume=epoch2, **kw))
+    assert _timeless(resumed["history"]) == _timeless(straight["history"])
+    assert resumed["final"] == straight["final"]
+    a = torch.load(os.path.join(out, "checkpoint_last.pt"), weights_only=False)["model"]
+    b = torch.load(os.path.join(str(tmp_path / "straight"), "checkpoint_last.pt"), weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    with open(os.path.join(out, "log.jsonl")) as f:
+        assert [json.loads(line)["epoch"] for line in f] == [1, 2, 3]
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    kw = dict(train_subset=32, test_subset=8, eval_train_subset=None, train_steps=1, eval_steps=1, progress=False,
+              plots=False, apgd=False, epochs=2)
+    out = str(tmp_path / "run")
+    train(TrainConfig(out=out, **kw))
+    ck = os.path.join(out, "checkpoint_last.pt")
+    with pytest.raises(ValueError, match="run is complete"):  # through the command line's --resume
+        main(["train", "--epochs", "2", "--train-subset", "32", "--test-subset", "8", "--eval-train-subset", "0",
+              "--train-steps", "1", "--eval-steps", "1", "--no-progress", "--no-apgd", "--out",
+              str(tmp_path / "again"), "--resume", ck])
+    with pytest.raises(ValueError, match="lr"):
+        train(TrainConfig(out=str(tmp_path / "again"), resume=ck, **dict(kw, epochs=2, lr=0.5)))

@@ -135,6 +135,7 @@ class TrainConfig:
     checkpoints: bool = True
     plots: bool = True
     progress: bool = True
+    resume: str | None = None  # a checkpoint_last.pt of the same run: continue after its epoch
 
     def resolved(self) -> TrainConfig:
         """A copy with every ``None`` default filled in and the settings checked."""
@@ -329,6 +330,27 @@ def _jsonable(obj):
     return obj
 
 
+# Settings that may differ between a run and its resumption (everything else must match).
+# The epochs may not change: the LR milestones and TE's ramp-up are scaled to them.
+_RESUME_MAY_DIFFER = ("out", "resume", "progress", "plots", "checkpoints", "apgd", "apgd_steps", "data_dir")
+
+
+def _check_resumable(ck: dict, config: dict, path: str) -> None:
+    """Raises if ``ck`` cannot continue a run with ``config``, naming what differs."""
+    missing = [k for k in ("generators", "torch_rng", "history", "best") if k not in ck]
+    if missing:
+        raise ValueError(f"--resume {path}: the checkpoint lacks {missing} (written by an older engm_fast); "
+                         "it can be loaded as a model/optimizer state but not resumed")
+    differ = sorted(k for k in config if k not in _RESUME_MAY_DIFFER and ck["config"].get(k) != config[k])
+    if differ:
+        shown = {k: (ck["config"].get(k), config[k]) for k in differ}
+        raise ValueError(f"--resume {path}: the run's settings differ from the checkpoint's "
+                         f"(setting: (checkpoint, now)): {shown}")
+    if ck["epoch"] >= config["epochs"]:
+        raise ValueError(f"--resume {path}: the checkpoint is at epoch {ck['epoch']} of {config['epochs']}: "
+                         "the run is complete")
+
+
 def train(cfg: TrainConfig, data=None) -> dict:
     """Runs one adversarial-training run; returns (and writes, if ``cfg.out``) the results dict.
 
@@ -373,22 +395,40 @@ def train(cfg: TrainConfig, data=None) -> dict:
     is_proxy = cfg.optimizer == "engm-proxy"
     engine = engine_of(model)
 
-    if cfg.out:
-        os.makedirs(cfg.out, exist_ok=True)
-        log_path = os.path.join(cfg.out, "log.jsonl")
-        open(log_path, "w").close()
     config_dict = {**asdict(cfg), "milestones": milestones, "te_es": te.es if te else None,
                    "te_ee": te.ee if te else None}
     history: list[dict] = []
     best_robust, best_state, best_epoch = -1.0, None, None
     diverged = None
+    first_epoch = 1
+    if cfg.resume:
+        # On the CPU: generator states must stay CPU byte tensors; load_state_dict moves the rest.
+        ck = torch.load(cfg.resume, map_location="cpu", weights_only=False)
+        _check_resumable(ck, config_dict, cfg.resume)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        if te is not None:
+            te.load_state_dict(ck["te"])
+        for gen, state in zip((shuffle_gen, attack_gen, aug_gen), ck["generators"]):
+            gen.set_state(state)
+        torch.set_rng_state(ck["torch_rng"])
+        history = list(ck["history"])
+        best_robust, best_epoch, best_state = ck["best"]["robust"], ck["best"]["epoch"], ck["best"]["state"]
+        first_epoch = ck["epoch"] + 1
+    if cfg.out:
+        os.makedirs(cfg.out, exist_ok=True)
+        log_path = os.path.join(cfg.out, "log.jsonl")
+        with open(log_path, "w") as f:  # a resumed run rewrites the epochs it continues from
+            for rec in history:
+                f.write(json.dumps(_jsonable(rec)) + "\n")
     bar = None
     if cfg.progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.epochs * math.ceil(n_train / cfg.batch_size), unit="batch", dynamic_ncols=True,
-                   desc=f"{cfg.method}{'+te' if cfg.te else ''} {cfg.optimizer}")
-    for epoch in range(1, cfg.epochs + 1):
+        bar = tqdm(total=(cfg.epochs - first_epoch + 1) * math.ceil(n_train / cfg.batch_size), unit="batch",
+                   dynamic_ncols=True, desc=f"{cfg.method}{'+te' if cfg.te else ''} {cfg.optimizer}")
+    for epoch in range(first_epoch, cfg.epochs + 1):
         model.train()
         lr_now = opt.param_groups[0]["lr"]
         te_w = te.weight(epoch) if te else 0.0
@@ -492,8 +532,13 @@ def train(cfg: TrainConfig, data=None) -> dict:
             best_robust, best_epoch = rob_te, epoch
             best_state = copy.deepcopy(model.state_dict())
         if cfg.out and cfg.checkpoints:
+            # Everything a resumed run needs to continue bit for bit (on the CPU): the random
+            # generators of shuffling, attacks and augmentation, the history and the best model.
             ck = {"epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                  "scheduler": sched.state_dict(), "te": te.state_dict() if te else None, "config": config_dict}
+                  "scheduler": sched.state_dict(), "te": te.state_dict() if te else None, "config": config_dict,
+                  "generators": [g.get_state() for g in (shuffle_gen, attack_gen, aug_gen)],
+                  "torch_rng": torch.get_rng_state(), "history": history,
+                  "best": {"robust": best_robust, "epoch": best_epoch, "state": best_state}}
             torch.save(ck, os.path.join(cfg.out, "checkpoint_last.pt"))
             if best_epoch == epoch:
                 torch.save(ck, os.path.join(cfg.out, "checkpoint_best.pt"))
@@ -641,6 +686,8 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--out", default="engm_train_out")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--resume", default=None, metavar="CHECKPOINT",
+                   help="continue an interrupted run from its OUT/checkpoint_last.pt (give the same settings)")
     p.set_defaults(func=run_train)
     return p
 
@@ -658,7 +705,7 @@ def run_train(args: argparse.Namespace) -> int:
                       train_subset=args.train_subset, test_subset=args.test_subset,
                       eval_train_subset=args.eval_train_subset or None, monitor=not args.no_monitor,
                       apgd=not args.no_apgd, seed=args.seed, device=args.device, out=args.out,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, resume=args.resume)
     res = train(cfg)
     fin = res.get("final", {})
     msg = (f"final: clean {fin.get('clean_acc', float('nan')):.4f}, PGD-{cfg.eval_steps} "
