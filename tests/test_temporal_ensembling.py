@@ -151,6 +151,9 @@ def test_bad_arguments():
         te.update(torch.zeros(1, 2), torch.tensor([4]), epoch=1)
     with pytest.raises(ValueError, match="clean_logits"):
         te.update(torch.zeros(1, 3), torch.tensor([0]), epoch=1)
+    with pytest.raises(ValueError, match="repeated"):
+        te.update(torch.zeros(2, 2), torch.tensor([1, 1]), epoch=1)
+    assert float(te.table.abs().sum()) == 0  # nothing was written by the refused calls
 
 
 def test_state_dict_round_trip():

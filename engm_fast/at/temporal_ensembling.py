@@ -171,6 +171,11 @@ class TemporalEnsembling:
         if index.numel() and (int(index.min()) < 0 or int(index.max()) >= self.num_samples):
             raise ValueError(f"TemporalEnsembling.update: index out of range [0, {self.num_samples}): "
                              f"min {int(index.min())}, max {int(index.max())}")
+        if index.numel() != torch.unique(index).numel():
+            # table[index] = rows would keep one of the duplicates' rows at random: one EMA step
+            # where the caller meant two. A data loader's batch never repeats an example.
+            raise ValueError("TemporalEnsembling.update: index has repeated entries; each example may appear "
+                             "once per batch")
         if not self.active(epoch):
             return None
         prob = F.softmax(clean_logits.detach().float(), dim=1).to(self.table.device)
