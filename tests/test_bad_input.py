@@ -148,7 +148,7 @@ def test_unbatched_conv_input_names_module():
     out = model(torch.randn(1, 5, 5))  # unbatched [C, H, W]
     with pytest.raises(ValueError, match=r"module '\d' \((Linear|Conv2d)\).*batched input"):
         engm_fast.per_example_grad_norms(model, out)
-    engm_fast.detach(model)
+    engm_fast.release(model)
 
 
 def test_use_backend_unknown_name():

@@ -48,7 +48,7 @@ def _check_model(model, x, y, backend="torch"):
         torch.testing.assert_close(g, torch.einsum("b,b...->...", w, ref[name]), **TOL, msg=lambda m: f"{name}: {m}")
         torch.testing.assert_close(p.grad, torch.einsum("b,b...->...", engm_w, ref[name]), **TOL,
                                    msg=lambda m: f"ENGM p.grad of {name}: {m}")
-    engm_fast.detach(model)
+    engm_fast.release(model)
 
 
 class Flatten(nn.Module):
@@ -274,11 +274,18 @@ class WithFallback(nn.Module):
 
 
 def test_fallback_modules():
+    """Modules without a rule: parameters used elementwise are followed (Affine's scale and shift,
+    the root's cls); PReLU's and Bilinear's reach F.prelu / F.bilinear with the batch, which the
+    engine cannot follow: those calls take the torch.func fallback."""
     model = WithFallback()
     engine = engm_fast.attach(model)
-    assert set(engine.fallback_modules) == {"aff", "prelu", "bil", "<root>"}
-    engm_fast.detach(model)
+    assert set(engine.generic_modules) == {"aff", "prelu", "bil", "<root>"}
+    engm_fast.release(model)
     _check_model(model, torch.randn(5, 4), torch.randint(0, 3, (5,)))
+    engine = engm_fast.attach(model)
+    engine.backward(F.cross_entropy(model(torch.randn(5, 4).double()), torch.randint(0, 3, (5,)), reduction="none"))
+    assert set(engine.fallback_modules) == {"prelu", "bil"}
+    engm_fast.release(model)
 
 
 def test_multihead_attention_fallback():
@@ -317,7 +324,7 @@ def test_per_example_grad_norms_public_api_leaves_grads():
     torch.testing.assert_close(fast, ref, **TOL)
     for p, s in zip(model.parameters(), sentinel):
         assert torch.equal(p.grad, s)
-    engm_fast.detach(model)
+    engm_fast.release(model)
 
 
 def test_float32_norms_dtype():
@@ -325,7 +332,7 @@ def test_float32_norms_dtype():
     engm_fast.attach(model)
     n = engm_fast.per_example_grad_norms(model, model(torch.randn(4, 3)).pow(2).sum(1))
     assert n.dtype == torch.float32 and n.shape == (4,)
-    engm_fast.detach(model)
+    engm_fast.release(model)
 
 
 def test_attack_passes_leave_no_state():
@@ -350,7 +357,7 @@ def test_attack_passes_leave_no_state():
     assert all(p.grad is None for p in model.parameters())
     ref = flat_norms(vmap_per_example_grads(model, _ce, x, y))
     torch.testing.assert_close(engm_fast.per_example_grad_norms(model, F.cross_entropy(model(x), y, reduction="none")), ref, **TOL)
-    engm_fast.detach(model)
+    engm_fast.release(model)
 
 
 def test_inplace_activation_after_layer():
@@ -360,11 +367,11 @@ def test_inplace_activation_after_layer():
 
 def test_conv_routes_and_chunking(monkeypatch):
     """Both conv norm routes are taken, and tiny chunk limits (many chunks) change nothing."""
-    from engm_fast.engine import conv as conv_mod
+    from engm_fast.engine.rules import conv as conv_mod
 
     seen = []
-    original = conv_mod.ConvWeight._route
-    monkeypatch.setattr(conv_mod.ConvWeight, "_route", lambda self: seen.append(original(self)) or seen[-1])
+    original = conv_mod.ConvWeight.route
+    monkeypatch.setattr(conv_mod.ConvWeight, "route", lambda self: seen.append(original(self)) or seen[-1])
     monkeypatch.setattr(conv_mod, "_DIRECT_CHUNK_ELEMENTS", 1)
     monkeypatch.setattr(conv_mod, "_UNFOLD_CHUNK_ELEMENTS", 1)
     monkeypatch.setattr(conv_mod, "_KEEP_PER_EXAMPLE_ELEMENTS", 0)  # recompute the weighted sum
@@ -391,4 +398,4 @@ def test_pgd_attack_pauses_recording():
         assert calls == [1, 1]
     finally:
         tap_mod._Tap.apply = original
-        engm_fast.detach(model)
+        engm_fast.release(model)

@@ -1,25 +1,33 @@
 """The one-backward per-example gradient engine.
 
-``engine = PerExampleEngine(model)`` puts a forward hook on every module that owns
-parameters. Each call of such a module routes its output through a tap (see
-:mod:`engm_fast.engine.tap`). ``engine.backward(losses)`` then runs ONE backward of
-``sum_i losses_i`` that records ``(input, output gradient)`` of every call, skips the weight
-gradients autograd would otherwise compute, and returns a :class:`PerExampleGradients`:
-per-example squared norms at once, and any reweighted gradient ``sum_i w_i g_i`` on demand,
-from the factored records (no ``B x #params`` tensor except where that is the cheaper route).
+``engine = PerExampleEngine(model)`` hooks every module that owns trainable parameters,
+according to its rule (:mod:`engm_fast.engine.registry`, resolved once per module here):
 
-Rules in :mod:`~engm_fast.engine.rules` handle Linear, Conv1d/2d/3d, Embedding, LayerNorm,
-GroupNorm, RMSNorm and BatchNorm1d/2d/3d; every other module owning trainable parameters goes
-through the :mod:`~engm_fast.engine.fallback` (torch.func). A module called several times
-and a parameter shared by modules are merged per parameter before any norm is taken.
+* a module with a rule: each call's output goes through a tap (:mod:`~engm_fast.engine.tap`);
+  in the engine's backward the tap hands ``(inputs, output gradient)`` to the rule;
+* a module whose rule replaces its forward (recurrent layers, ``nn.MultiheadAttention``): that
+  forward runs while the engine records and taps the calls inside it;
+* a module without a rule: during its call its own parameters are followed as shared tensors
+  (:mod:`~engm_fast.engine.shared`) until they meet the batch; what cannot be followed falls back
+  to torch.func (:mod:`~engm_fast.engine.fallback`).
+
+``engine.backward(losses)`` then runs ONE backward of ``sum_i losses_i`` that completes every
+record, skips the weight gradients autograd would otherwise compute, and returns a
+:class:`PerExampleGradients`: per-example squared norms, and any reweighted gradient
+``sum_i w_i g_i`` on demand, from the factored records (no ``B x #params`` tensor except where
+that is the cheaper route). A module called several times and a parameter shared by modules are
+merged per parameter before any norm is taken.
 
 Passes that are not the engine's own backward (PGD attacks, plain ``loss.backward()``) keep
-nothing: the taps are identities whose records live and die with their graph.
+nothing: the taps are identities whose records live and die with their graph. Inside
+torch.func transforms (vmap, grad, jvp) nothing is recorded.
 """
 from __future__ import annotations
 
 import contextlib
+import inspect
 import sys
+import types
 import weakref
 from typing import Iterable
 
@@ -27,14 +35,19 @@ import torch
 import torch.nn as nn
 
 from ..reference import accumulation_dtype
+from . import rules as _builtin_rules  # noqa: F401  (registers the built-in rules)
 from .contributions import Contribution, combine
-from .fallback import WHOLE_MODULE_TYPES, fallback_contributions, fallback_parameter_names
-from .rules import check_supported, rule_for
-from .tap import Record, tap
+from .fallback import fallback_contributions
+from .registry import Rule, rule_for
+from .shared import CallSource, CallState, ParamSource, SharedOps, SharedTensor, plain
+from .tap import Record, recording_allowed, tap
 
-__all__ = ["PerExampleEngine", "PerExampleGradients", "attach", "detach", "engine_of"]
+__all__ = ["PerExampleEngine", "PerExampleGradients", "attach", "release", "engine_of"]
 
 _ENGINES: "weakref.WeakKeyDictionary[nn.Module, PerExampleEngine]" = weakref.WeakKeyDictionary()
+# Modules whose forward a rule replaces: module -> (engine, rule, name). A deep copy of such a
+# module is not in here, so its (copied) forward runs the module's own.
+_FORWARD_RULES: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -79,7 +92,7 @@ def _is_compiled_wrapper(model: nn.Module) -> bool:
     return eval_frame is not None and isinstance(model, eval_frame.OptimizedModule)
 
 # Why graph breaks: a tap must run eagerly in forward (it ties a Python Record to the graph)
-# and in backward (it appends to the engine's session). Traced by dynamo, the hook would be
+# and in backward (it hands gradients to the engine). Traced by dynamo, the hook would be
 # compiled into an identity and record nothing. Under torch.compile the hook body is called
 # through torch.compiler.disable, so each managed layer call is one graph break; the rest of
 # the model is compiled. fullgraph=True forbids graph breaks: dynamo then raises with REASON.
@@ -119,14 +132,14 @@ def engine_of(model: nn.Module) -> "PerExampleEngine | None":
     return _ENGINES.get(_unwrap(model))
 
 
-def detach(model: nn.Module) -> None:
-    """Removes ``model``'s engine and its hooks (no-op when none is attached).
+def release(model: nn.Module) -> None:
+    """Removes ``model``'s engine: its hooks and replaced forwards (no-op when none is attached).
 
     Example:
         >>> import torch, engm_fast
         >>> model = torch.nn.Linear(2, 2)
         >>> _ = engm_fast.attach(model)
-        >>> engm_fast.detach(model)
+        >>> engm_fast.release(model)
         >>> engm_fast.engine_of(model) is None
         True
     """
@@ -174,12 +187,77 @@ class PerExampleGradients:
     @torch.no_grad()
     def zero_examples(self, mask: torch.Tensor) -> "PerExampleGradients":
         """A copy with the examples where ``mask`` is True removed (their g_i set to 0)."""
-        out = PerExampleGradients({p: c.zero_examples(mask) for p, c in self.contributions.items()},
-                                  self.names, self.batch_size, self._acc_dtype, self._device)
-        return out
+        return PerExampleGradients({p: c.zero_examples(mask) for p, c in self.contributions.items()},
+                                   self.names, self.batch_size, self._acc_dtype, self._device)
 
 
-class PerExampleEngine:
+class _Session:
+    """What one engine backward collects: contributions per wanted parameter, deferred fallbacks."""
+
+    __slots__ = ("batch", "wanted", "parts", "deferred", "records")
+
+    def __init__(self, batch: int, wanted: set):
+        self.batch, self.wanted = batch, wanted
+        self.parts: dict[nn.Parameter, list[Contribution]] = {}
+        self.deferred: list = []
+        self.records = 0
+
+    def add(self, param: nn.Parameter, contribution: Contribution) -> None:
+        self.records += 1
+        if param in self.wanted:
+            self.parts.setdefault(param, []).append(contribution.compact())
+
+
+class _CallRecord(Record):
+    """One call of a module with a rule (``batch_dim`` 1: a time-major call)."""
+
+    __slots__ = ("name", "module", "rule", "template", "batch_dim")
+
+    def __init__(self, engine, name: str, module: nn.Module, rule: Rule, args: tuple, batch_dim: int = 0):
+        super().__init__(engine)
+        self.name, self.module, self.rule, self.batch_dim = name, module, rule, batch_dim
+        # Positional arguments with None where a tensor was: tensors travel as saved tensors.
+        self.template = tuple(None if isinstance(a, torch.Tensor) else a for a in args)
+
+    def describe(self) -> str:
+        return f"module '{self.name}' ({type(self.module).__name__})"
+
+    def complete(self, grads: tuple, saved: tuple) -> None:
+        tensors = iter(saved)
+        args = tuple(next(tensors) if a is None else a for a in self.template)
+        b = grads[0]
+        if self.batch_dim == 1 and b is not None:  # time-major: the batch first for the rule
+            self.engine._check_batch(b, self)
+            args = tuple(a.movedim(1, 0) if isinstance(a, torch.Tensor) and a.dim() >= 2 else a for a in args)
+            b = b.movedim(1, 0)
+        self.engine._add_rule_call(self.rule, self.module, self.name, args, b, self)
+
+
+class _FallbackRecord(Record):
+    """One call of a module whose parameters the torch.func fallback handles (after the backward)."""
+
+    __slots__ = ("name", "module", "template", "kwargs", "out_positions")
+
+    def __init__(self, engine, name, module, args, kwargs, out_positions):
+        super().__init__(engine)
+        self.name, self.module, self.kwargs, self.out_positions = name, module, kwargs, out_positions
+        self.template = tuple(None if isinstance(a, torch.Tensor) else a for a in args)
+
+    def describe(self) -> str:
+        return f"module '{self.name}' ({type(self.module).__name__})"
+
+    def complete(self, grads: tuple, saved: tuple) -> None:
+        session = self.engine._session
+        for g in grads:
+            if g is not None:
+                self.engine._check_batch(g, self)
+        tensors = iter(saved)
+        args = tuple(next(tensors) if a is None else a for a in self.template)
+        session.deferred.append((self, args, grads))
+        session.records += 1
+
+
+class PerExampleEngine(SharedOps):
     """Records layer calls of ``model`` and computes per-example gradients in one backward.
 
     Use :func:`attach` rather than constructing it twice for one model.
@@ -204,44 +282,75 @@ class PerExampleEngine:
             raise RuntimeError("an engine is already attached to this model; use engm_fast.attach(model)")
         self.model = model
         self._anchor = torch.zeros((), requires_grad=True)
-        self._session: list[Record] | None = None
-        self._session_batch: int | None = None  # B of the backward in progress
+        self._session: _Session | None = None
+        self._nested = False  # inside a record's own autograd.grad: taps pass gradients through
         self._suspended = False
-        self._handles = []
+        self._batch: int | None = None  # the batch size of the forward being recorded
+        self._batch_dim = 0  # 1 inside time-major code (batch_dim(1), torch.nn's Transformer layers)
+        self._handles: list = []
         self._param_names: dict[nn.Parameter, str] = {}
-        for n, p in model.named_parameters(remove_duplicate=False):
-            self._param_names.setdefault(p, n)  # a tied parameter keeps its first name
         self._verified_signature: frozenset | None = None
+        self._reached: set = set()
         self._tapped_since_backward: set[str] = set()
-        self._fallback_modules: list[str] = []
+        self._untracked: dict[nn.Parameter, str] = {}
         self._hooked: dict[nn.Module, str] = {}
+        self._layout_hooked: set = set()
+        self._layout_stack: list[int] = []
+        self._kinds: dict[str, str] = {}  # module name -> "rule" | "forward" | "generic"
+        self._call_states: dict[nn.Module, list[CallState]] = {}
+        self._fallback_names: set[str] = set()
+        self._signatures: dict[type, inspect.Signature | None] = {}
+        self._handles.append(model.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True))
         self._hook_new_modules()
         _ENGINES[model] = self
 
+    # -- hooking ---------------------------------------------------------------------------
     def _hook_new_modules(self) -> list[str]:
         """Hooks every parameter-owning module not hooked yet; returns the new modules' names."""
         added = []
-        skip_below: list[str] = []
+        covered_below: list[str] = []  # forward-rule modules record their children's parameters
         for name, module in self.model.named_modules():
-            if any(name.startswith(prefix + ".") for prefix in skip_below):
+            if any(prefix == "" or name.startswith(prefix + ".") for prefix in covered_below):
                 continue
-            if isinstance(module, WHOLE_MODULE_TYPES):
-                skip_below.append(name)
-                owns = any(True for _ in module.parameters())
+            label = name or "<root>"
+            if isinstance(module, _TIME_MAJOR_TYPES) and module not in self._layout_hooked:
+                self._layout_hooked.add(module)
+                self._handles.append(module.register_forward_pre_hook(self._layout_pre_hook))
+                self._handles.append(module.register_forward_hook(self._layout_post_hook, always_call=True))
+            rule = rule_for(module)
+            if rule is not None and rule.forward is not None:
+                covered_below.append(name)
+                if module in self._hooked or not any(True for _ in module.parameters()):
+                    continue
+                if rule.check is not None:
+                    rule.check(label, module)
+                self._install_forward_rule(label, module, rule)
+                kind = "forward"
             else:
-                owns = any(True for _ in module.parameters(recurse=False))
-            if not owns or module in self._hooked:
-                continue
-            check_supported(name or type(module).__name__, module)
-            rule = rule_for(module) if not isinstance(module, WHOLE_MODULE_TYPES) else None
-            if rule is None:
-                self._fallback_modules.append(name or "<root>")
-            self._handles.append(module.register_forward_hook(self._make_hook(name or "<root>", rule), with_kwargs=True))
-            self._hooked[module] = name or "<root>"
-            added.append(name or "<root>")
+                if module in self._hooked or not any(True for _ in module.parameters(recurse=False)):
+                    continue
+                if rule is not None:
+                    if rule.check is not None:
+                        rule.check(label, module)
+                    self._handles.append(module.register_forward_hook(self._output_hook(label, rule),
+                                                                      with_kwargs=True))
+                    kind = "rule"
+                else:
+                    self._handles.append(module.register_forward_pre_hook(self._generic_pre_hook(label),
+                                                                          with_kwargs=True))
+                    self._handles.append(module.register_forward_hook(self._generic_post_hook(label),
+                                                                      with_kwargs=True, always_call=True))
+                    kind = "generic"
+            self._hooked[module] = label
+            self._kinds[label] = kind
+            added.append(label)
         for n, p in self.model.named_parameters(remove_duplicate=False):
-            self._param_names.setdefault(p, n)
+            self._param_names.setdefault(p, n)  # a tied parameter keeps its first name
         return added
+
+    def _install_forward_rule(self, name: str, module: nn.Module, rule: Rule) -> None:
+        _FORWARD_RULES[module] = (self, rule, name)
+        module.forward = types.MethodType(_recording_forward, module)
 
     def refresh(self) -> list[str]:
         """Starts recording modules added to the model after the engine was attached.
@@ -268,8 +377,25 @@ class PerExampleEngine:
 
     @property
     def fallback_modules(self) -> list[str]:
-        """Names of the modules handled by the torch.func fallback."""
-        return list(self._fallback_modules)
+        """Names of the modules whose parameters went through the torch.func fallback at least
+        once (a module without a rule whose parameters met an operation the engine cannot follow)."""
+        return sorted(self._fallback_names)
+
+    @property
+    def generic_modules(self) -> list[str]:
+        """Names of the modules without a rule (their parameters are followed as shared tensors)."""
+        return [n for n, k in self._kinds.items() if k == "generic"]
+
+    def module_kinds(self) -> dict[str, str]:
+        """``{module name: "rule" | "forward" | "generic"}`` for every hooked module.
+
+        Example:
+            >>> import torch, engm_fast
+            >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.PReLU())
+            >>> engm_fast.attach(model).module_kinds()
+            {'0': 'rule', '1': 'generic'}
+        """
+        return dict(self._kinds)
 
     @contextlib.contextmanager
     def paused(self):
@@ -294,56 +420,126 @@ class PerExampleEngine:
         finally:
             self._suspended = previous
 
+    @contextlib.contextmanager
+    def nested(self):
+        """A record's own autograd pass inside the engine's backward: taps only pass through."""
+        previous = self._nested
+        self._nested = True
+        try:
+            yield
+        finally:
+            self._nested = previous
+
+    @contextlib.contextmanager
+    def batch_dim(self, dim: int):
+        """Layers called inside the block have the batch at dimension ``dim`` (0 or 1).
+
+        The engine takes the batch to be dimension 0 of every layer's input and output, and
+        recognizes a time-major call (``[T, B, ...]``) by itself when ``T`` differs from the
+        batch size. For time-major code where the sequence length can equal the batch size, say
+        so: inside ``with engine.batch_dim(1):`` Linear, Embedding, LayerNorm and RMSNorm calls
+        are taken as ``[T, B, ...]``. torch.nn's Transformer layers with ``batch_first=False``
+        set it themselves.
+
+        Example:
+            >>> import torch, engm_fast
+            >>> layer = torch.nn.Linear(3, 2)
+            >>> engine = engm_fast.attach(layer)
+            >>> x = torch.randn(4, 4, 3)                  # [T, B, d], T == B
+            >>> with engine.batch_dim(1):
+            ...     out = layer(x)
+            >>> engine.backward(out.pow(2).sum((0, 2))).sqnorms().shape
+            torch.Size([4])
+        """
+        if dim not in (0, 1):
+            raise ValueError(f"batch_dim must be 0 or 1, got {dim!r}")
+        previous = self._batch_dim
+        self._batch_dim = dim
+        try:
+            yield self
+        finally:
+            self._batch_dim = previous
+
+    def _layout_pre_hook(self, module, args):
+        self._layout_stack.append(self._batch_dim)
+        if not _batch_first(module):
+            self._batch_dim = 1
+        return None
+
+    def _layout_post_hook(self, module, args, output):
+        if self._layout_stack:
+            self._batch_dim = self._layout_stack.pop()
+        return None
+
     def remove(self) -> None:
-        """Removes the forward hooks (the engine is unusable afterwards)."""
+        """Removes the hooks and restores replaced forwards (the engine is unusable afterwards)."""
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        for module in list(self._hooked):
+            if _FORWARD_RULES.get(module, (None,))[0] is self:
+                del _FORWARD_RULES[module]
+                module.__dict__.pop("forward", None)
+
+    def _recording(self) -> bool:
+        return not self._suspended and self._session is None and recording_allowed()
 
     # -- forward -------------------------------------------------------------------------
-    def _make_hook(self, name: str, rule):
+    def _root_pre_hook(self, module, args, kwargs):
+        if self._recording():
+            self._batch = _leading_size(args, kwargs)
+        return None
+
+    def _positional(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple:
+        """A rule module's call arguments as positional ones (rules take positional inputs)."""
+        cls = type(module)
+        if cls not in self._signatures:
+            try:
+                self._signatures[cls] = inspect.signature(cls.forward)
+            except (TypeError, ValueError):
+                self._signatures[cls] = None
+        sig = self._signatures[cls]
+        if sig is None:
+            raise NotImplementedError(f"module {type(module).__name__} was called with keyword arguments "
+                                      f"{sorted(kwargs)}; engm_fast's rule for it expects positional arguments")
+        bound = sig.bind(module, *args, **kwargs)
+        bound.apply_defaults()
+        return tuple(bound.args[1:])
+
+    def _output_hook(self, name: str, rule: Rule):
         engine = self
-        is_fallback = rule is None
 
         def eager_hook(module, args, kwargs, output):
-            # Runs on every call, attack passes included: keep the common path short
-            # (one tensor output, own parameters read from the dict, no generators).
-            if engine._suspended or not torch.is_grad_enabled():
+            # Runs on every call, attack passes included: keep the common path short.
+            if not engine._recording():
                 return None
-            own = module.parameters() if isinstance(module, WHOLE_MODULE_TYPES) else module._parameters.values()
-            for p in own:
+            for p in module._parameters.values():
                 if p is not None and p.requires_grad:
                     break
             else:
                 return None
-            single = isinstance(output, torch.Tensor)
-            if single:
-                if not output.requires_grad:
-                    return None
-                positions, outs = [0], (output,)
-            else:
-                items = output if isinstance(output, tuple) else (output,)
-                positions = [i for i, o in enumerate(items) if isinstance(o, torch.Tensor)]
-                if not positions or not any(items[i].requires_grad for i in positions):
-                    return None
-                outs = tuple(items[i] for i in positions)
-            if kwargs and not is_fallback:
-                raise NotImplementedError(
-                    f"module '{name}' ({type(module).__name__}) was called with keyword arguments "
-                    f"{sorted(kwargs)}; engm_fast's rule for it expects positional arguments"
-                )
-            inputs = tuple(a for a in args if isinstance(a, torch.Tensor))
-            record = Record(name, module, args, kwargs if is_fallback else {})
-            record.out_positions = positions
+            if not isinstance(output, torch.Tensor) or not output.requires_grad:
+                return None
+            if kwargs:
+                args = engine._positional(module, args, kwargs)
+            args = tuple(plain(a) for a in args)
             engine._tapped_since_backward.add(name)
-            tapped = tap(engine._anchor, engine, record, outs, inputs)
-            if single:
-                return tapped
-            tapped = tapped if isinstance(tapped, tuple) else (tapped,)
-            new_items = list(items)
-            for i, t in zip(positions, tapped):
-                new_items[i] = t
-            return tuple(new_items)
+            if isinstance(output, SharedTensor):  # computed from a shared input without meeting the batch
+                source = CallSource(rule, module, name, args, output._plain, False)
+                return SharedTensor.wrap(engine, output._plain, output._sources + (source,))
+            B = engine._batch
+            if B is not None and rule.time_major and output.dim() >= 2 and output.shape[1] == B and (
+                    engine._batch_dim == 1 or (output.shape[0] not in (1, B) and _second_dim_is(args, B))):
+                inputs = tuple(a for a in args if isinstance(a, torch.Tensor))
+                return tap(_CallRecord(engine, name, module, rule, args, batch_dim=1), (output,), inputs)
+            if B is not None:
+                shared = output.dim() == 0 or output.shape[0] != B
+                maybe = (not shared and B > 1 and
+                         all(not a.is_floating_point() for a in args if isinstance(a, torch.Tensor)))
+                if shared or maybe:
+                    source = CallSource(rule, module, name, args, output, maybe)
+                    return SharedTensor.wrap(engine, output, (source,), maybe)
+            return engine._tap_rule_call(rule, module, name, args, output)
 
         def hook(module, args, kwargs, output):
             if torch.compiler.is_compiling():  # traced by dynamo: break the graph here (see _COMPILE_REASON)
@@ -353,7 +549,126 @@ class PerExampleEngine:
 
         return hook
 
+    def _tap_rule_call(self, rule: Rule, module: nn.Module, name: str, args: tuple, output: torch.Tensor):
+        inputs = tuple(a for a in args if isinstance(a, torch.Tensor))
+        return tap(_CallRecord(self, name, module, rule, args), (output,), inputs)
+
+    def _generic_pre_hook(self, name: str):
+        engine = self
+
+        def pre_hook(module, args, kwargs):
+            if not engine._recording() or torch.compiler.is_compiling():
+                return None
+            params = [(n, p) for n, p in module._parameters.items() if p is not None and p.requires_grad]
+            if not params or any(isinstance(p, SharedTensor) for _, p in params):
+                return None
+            state = CallState(name, module)
+            state_params = []
+            for n, p in params:
+                module._parameters[n] = SharedTensor.wrap(engine, p, (ParamSource(p, state),))
+                state_params.append((n, p))
+            engine._call_states.setdefault(module, []).append((state, state_params))
+            return None
+
+        return pre_hook
+
+    def _generic_post_hook(self, name: str):
+        engine = self
+
+        def eager_post(module, args, kwargs, output):
+            stack = engine._call_states.get(module)
+            if stack:
+                state, params = stack.pop()
+                for n, p in params:
+                    module._parameters[n] = p
+                state.active = False
+            elif not (torch.compiler.is_compiling() and engine._recording()):
+                return None
+            else:
+                state = None  # compiled: parameters were not followed, the fallback takes the call
+            if output is None:  # the forward raised: parameters restored, nothing to record
+                return None
+            engine._tapped_since_backward.add(name)
+            if state is not None and state.untracked is None:
+                if not _escaped(state, output, args, kwargs, engine._batch):
+                    return None
+                # The call took batched inputs but returns its parameters unresolved: its
+                # forward combined them with the batch in a layout the engine cannot see (a
+                # transpose to time-major, say). torch.func sees through it.
+                state.untracked = "was combined with the batch out of sight (the output is still shared)"
+            return engine._tap_fallback(name, module, args, kwargs, output)
+
+        def post_hook(module, args, kwargs, output):
+            if torch.compiler.is_compiling():
+                return _outside_graph(eager_post)(module, args, kwargs, output)  # engm_fast: torch.compile(fullgraph=True) is not supported (one graph break per recorded layer call); use fullgraph=False
+            return eager_post(module, args, kwargs, output)
+
+        return post_hook
+
+    def _tap_fallback(self, name, module, args, kwargs, output):
+        """Routes the call's tensor outputs through one tap for the torch.func fallback."""
+        self._fallback_names.add(name)
+        single = isinstance(output, torch.Tensor)
+        items = (output,) if single else (output if isinstance(output, tuple) else None)
+        if items is None:
+            self._note_untracked_module(module, name, f"returned a {type(output).__name__}, which the torch.func "
+                                                      "fallback cannot take (tensors or tuples of tensors)")
+            return None
+        positions = [i for i, o in enumerate(items) if isinstance(o, torch.Tensor) and o.requires_grad]
+        if not positions:
+            return None
+        outs = tuple(plain(items[i]) for i in positions)
+        args = tuple(plain(a) for a in args)
+        kwargs = {k: plain(v) for k, v in kwargs.items()}
+        inputs = tuple(a for a in args if isinstance(a, torch.Tensor))
+        tapped = tap(_FallbackRecord(self, name, module, args, kwargs, positions), outs, inputs)
+        if single:
+            return tapped
+        tapped = tapped if isinstance(tapped, tuple) else (tapped,)
+        new_items = list(items)
+        for i, t in zip(positions, tapped):
+            new_items[i] = t
+        return tuple(new_items)
+
+    def _note_untracked(self, param: nn.Parameter, reason: str) -> None:
+        self._untracked.setdefault(param, reason)
+
+    def _note_untracked_module(self, module: nn.Module, name: str, reason: str) -> None:
+        for p in module.parameters(recurse=False):
+            self._note_untracked(p, f"module '{name}' ({type(module).__name__}) {reason}")
+
     # -- backward ------------------------------------------------------------------------
+    def _check_batch(self, g: torch.Tensor, record: Record) -> None:
+        B = self._session.batch
+        dim = getattr(record, "batch_dim", 0)
+        if g.dim() <= dim or g.shape[dim] != B:
+            raise ValueError(
+                f"losses has shape {(B,)} but {record.describe()} produced an output of shape {tuple(g.shape)}; "
+                "the batch must be dimension 0 of every layer and the losses must hold one entry per example"
+            )
+
+    def _add_rule_call(self, rule: Rule, module: nn.Module, name: str, args: tuple, b: torch.Tensor | None,
+                       record: Record | None = None) -> None:
+        """Turns one call's inputs and output gradient into contributions (inside the backward)."""
+        if b is None:
+            return
+        session = self._session
+        if record is not None and getattr(record, "batch_dim", 0) == 0:
+            self._check_batch(b, record)
+        if any(isinstance(a, torch.Tensor) and a.is_floating_point() and a.dtype != b.dtype for a in args):
+            # Under torch.autocast the layer's op ran in the output's dtype (bf16/fp16 for
+            # Linear and Conv, fp32 for norms) on an input autocast cast to it: the same cast
+            # gives the rule exactly the operands of that op.
+            args = tuple(a.to(b.dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+        try:
+            with torch.no_grad():  # saved inputs are activations that require grad: build no graph
+                contributions = rule.contributions(module, args, b, session.batch)
+        except ValueError as exc:
+            raise ValueError(f"module '{name}' ({type(module).__name__}): {exc}") from exc
+        params = module._parameters
+        for pname, c in contributions.items():
+            session.add(params[pname], c)
+
     def backward(self, losses: torch.Tensor, params: Iterable[nn.Parameter] | None = None,
                  retain_graph: bool = False, loss_weights: torch.Tensor | None = None) -> PerExampleGradients:
         """One backward of ``sum_i losses_i``; per-example gradients of ``params``.
@@ -370,6 +685,8 @@ class PerExampleEngine:
             :class:`PerExampleGradients`; parameters' ``.grad`` are not touched.
         """
         B = _check_losses(losses)
+        if isinstance(losses, SharedTensor):
+            raise ValueError(_unbatched_message(losses))
         wanted = [p for p in (self.model.parameters() if params is None else params) if p.requires_grad]
         wanted_set = set(wanted)
         unknown = [p for p in wanted if p not in self._param_names]
@@ -383,122 +700,137 @@ class PerExampleEngine:
                              f"(shapes {[tuple(p.shape) for p in unknown[:3]]})")
         signature = frozenset(self._tapped_since_backward)
         if signature != self._verified_signature:
-            self._check_coverage(losses, wanted_set)
+            self._reached = _reached_parameters(losses)
             self._verified_signature = signature
+        if wanted_set and not (self._reached & wanted_set):
+            raise ValueError("losses have no graph to the model's trainable parameters "
+                             "(computed from another model, or under torch.no_grad?)")
         self._tapped_since_backward = set()
         total = (losses if loss_weights is None else losses * loss_weights).sum()
-        session: list[Record] = []
-        self._session, self._session_batch = session, B
+        session = _Session(B, wanted_set)
+        self._session = session
         try:
             torch.autograd.grad(total, [self._anchor], allow_unused=True, retain_graph=retain_graph)
         finally:
             self._session = None
-        if not session:
+        if not session.records:
             raise ValueError("losses have no graph through the model's managed modules: were they computed "
                              "from a forward of this model, made after engm_fast.attach(model) (or ENGM(model))?")
-        parts: dict[nn.Parameter, list[Contribution]] = {}
-        self._suspended = True  # the fallback re-runs forwards: they must not be tapped
-        try:
-            for record in session:
-                contributions = record.contributions
-                if contributions is None:  # fallback modules: after the backward
-                    contributions = self._contributions(record, B)
-                record.contributions = None  # the record lives on in a retained graph
-                for name, c in contributions.items():
-                    p = record.module.get_parameter(name)
-                    if p in wanted_set:
-                        parts.setdefault(p, []).append(c)
-        finally:
-            self._suspended = False
-        contributions = {p: combine(cs) for p, cs in parts.items()}
+        if session.deferred:
+            self._run_fallbacks(session)
+        missing = [p for p in self._reached & wanted_set if p not in session.parts]
+        if missing:
+            names = sorted(self._param_names.get(p, "?") for p in missing)
+            reasons = sorted({self._untracked[p] for p in missing if p in self._untracked})
+            why = ("; ".join(reasons) + ". " if reasons else
+                   "the parameter is used outside its module's forward, e.g. read directly by a parent module, or the "
+                   "engine was attached after the forward. ")
+            raise NotImplementedError(
+                f"parameter(s) {names} reach the loss but their use was not recorded by the engine: {why}"
+                "engm_fast cannot attribute their per-example gradients; register a rule for the module "
+                "(engm_fast.register_rule) or call the module that owns the parameter"
+            )
+        self._untracked = {}
+        contributions = {p: combine(cs) for p, cs in session.parts.items()}
         names = {p: self._param_names[p] for p in contributions}
         return PerExampleGradients(contributions, names, B, accumulation_dtype(losses.dtype), losses.device)
 
-    def _on_recorded(self, record: Record) -> None:
-        """Called by a tap inside the backward, when its call's output gradient arrives.
+    def _run_fallbacks(self, session: _Session) -> None:
+        self._suspended = True  # the fallback re-runs forwards: they must not be recorded
+        try:
+            for record, args, grads in session.deferred:
+                module = record.module
+                for pname, c in fallback_contributions(module, record.name, args, record.kwargs, grads,
+                                                       record.out_positions, session.batch).items():
+                    session.add(module.get_parameter(pname), c)
+        finally:
+            self._suspended = False
 
-        A call handled by a layer rule becomes its contributions at once, each compacted
-        (:meth:`Contribution.compact`), and the record drops its input and output gradient. So
-        the inputs and output gradients of norm layers and small convolutions are freed while
-        the backward runs instead of living until it ends: measured peak step memory of a
-        GroupNorm ResNet-18 (width 16, B=32) went from 2.17x to 1.15x a plain SGD step's.
-        Fallback modules wait for the end of the backward: their vmap re-runs forwards.
-        """
-        module = record.module
-        if isinstance(module, WHOLE_MODULE_TYPES) or rule_for(module) is None:
-            return
-        contributions = self._contributions(record, self._session_batch)
-        record.contributions = {name: c.compact() for name, c in contributions.items()}
-        record.inputs, record.grads = (), ()
 
-    def _contributions(self, record: Record, B: int) -> dict[str, Contribution]:
-        module = record.module
-        grads = record.grads
-        for g in grads:
-            if g is not None and (g.dim() == 0 or g.shape[0] != B):
-                raise ValueError(
-                    f"losses has shape {(B,)} but module '{record.name}' ({type(module).__name__}) produced "
-                    f"an output of shape {tuple(g.shape)}; the batch must be dimension 0 of every layer "
-                    "and the losses must hold one entry per example"
-                )
-        rule = rule_for(module) if not isinstance(module, WHOLE_MODULE_TYPES) else None
-        if rule is not None:
-            args = record.args()
-            b = grads[0]
-            if b is not None and any(isinstance(a, torch.Tensor) and a.is_floating_point() and a.dtype != b.dtype
-                                     for a in args):
-                # Under torch.autocast the layer's op ran in the output's dtype (bf16/fp16 for
-                # Linear and Conv, fp32 for norms) on an input autocast cast to it: the same cast
-                # gives the rule exactly the operands of that op.
-                args = tuple(a.to(b.dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
-                             for a in args)
-            try:
-                with torch.no_grad():  # saved inputs are activations that require grad: build no graph
-                    return rule(module, args, b)
-            except ValueError as exc:
-                raise ValueError(f"module '{record.name}' ({type(module).__name__}): {exc}") from exc
-        return fallback_contributions(module, record.name, record.args(), record.kwargs, grads,
-                                      record.out_positions, B)
+def _recording_forward(module: nn.Module, *args, **kwargs):
+    """The forward of a module whose rule replaces it (installed as an instance attribute)."""
+    entry = _FORWARD_RULES.get(module)
+    if entry is None:
+        return type(module).forward(module, *args, **kwargs)
+    engine, rule, name = entry
+    if not engine._recording() or not any(p.requires_grad for p in module.parameters()):
+        return type(module).forward(module, *args, **kwargs)
+    engine._tapped_since_backward.add(name)
+    if torch.compiler.is_compiling():
+        return _outside_graph(rule.forward)(engine, module, name, *args, **kwargs)  # engm_fast: torch.compile(fullgraph=True) is not supported (one graph break per recorded layer call); use fullgraph=False
+    return rule.forward(engine, module, name, *args, **kwargs)
 
-    def _check_coverage(self, losses: torch.Tensor, wanted: set) -> None:
-        """Raises if a wanted parameter reaches the loss through no module the engine records.
 
-        Walks the autograd graph once per new set of recorded modules (the first step, and
-        after the model's structure changes).
-        """
-        reached = set()
-        seen = set()
-        stack = [losses.grad_fn]
-        while stack:
-            node = stack.pop()
-            if node is None or node in seen:
-                continue
-            seen.add(node)
-            var = getattr(node, "variable", None)
-            if isinstance(var, nn.Parameter):
-                reached.add(var)
-            stack.extend(n for n, _ in node.next_functions)
-        if not (reached & wanted) and wanted:
-            raise ValueError("losses have no graph to the model's trainable parameters "
-                             "(computed from another model, or under torch.no_grad?)")
-        covered = set()
-        for name in self._tapped_since_backward:
-            module = self.model if name == "<root>" else self.model.get_submodule(name)
-            if isinstance(module, WHOLE_MODULE_TYPES):
-                covered.update(module.parameters())
-            elif rule_for(module) is not None:
-                covered.update(module.parameters(recurse=False))
-            else:
-                covered.update(module.get_parameter(n) for n in fallback_parameter_names(module))
-        missing = [p for p in reached & wanted if p not in covered]
-        if missing:
-            names = [self._param_names.get(p, "?") for p in missing]
-            raise NotImplementedError(
-                f"parameter(s) {names} reach the loss but their module's forward was not recorded by the "
-                "engine (the parameter is used outside its module's forward, e.g. read directly by a parent "
-                "module, or the engine was attached after the forward); engm_fast cannot attribute their "
-                "per-example gradients"
-            )
+# torch.nn modules that run time-major (the batch second) unless batch_first is set.
+_TIME_MAJOR_TYPES = (nn.Transformer, nn.TransformerEncoder, nn.TransformerDecoder, nn.TransformerEncoderLayer,
+                     nn.TransformerDecoderLayer)
+
+
+def _batch_first(module: nn.Module) -> bool:
+    if hasattr(module, "batch_first"):
+        return bool(module.batch_first)
+    for sub in module.modules():  # TransformerEncoder/Decoder: their layers' attention says
+        if isinstance(sub, nn.MultiheadAttention):
+            return bool(sub.batch_first)
+    return True
+
+
+def _second_dim_is(args: tuple, B: int) -> bool:
+    """Whether the call's first tensor argument has the batch size at dimension 1."""
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a.dim() >= 2 and a.shape[1] == B
+    return False
+
+
+def _escaped(state: CallState, output, args: tuple, kwargs: dict, batch: int | None) -> bool:
+    """Whether a call with a batched input returns a shared tensor holding its own parameters."""
+    if batch is None:
+        return False
+    items = output if isinstance(output, (tuple, list)) else (output,)
+    mine = [o for o in items if isinstance(o, SharedTensor)
+            and any(isinstance(s, ParamSource) and s.state is state for s in o._sources)]
+    if not mine:
+        return False
+    return any(isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == batch
+               for a in list(args) + list(kwargs.values()))
+
+
+def _leading_size(args: tuple, kwargs: dict) -> int | None:
+    """The first dimension of the first tensor among a call's arguments (lists, tuples and
+    dicts one level deep): the batch size of the forward."""
+    for value in list(args) + list(kwargs.values()):
+        items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else (value,)
+        for item in items:
+            if isinstance(item, torch.Tensor) and item.dim() > 0:
+                return int(item.shape[0])
+    return None
+
+
+def _reached_parameters(losses: torch.Tensor) -> set:
+    """The parameters the autograd graph of ``losses`` reaches (its AccumulateGrad nodes)."""
+    reached = set()
+    seen = set()
+    stack = [losses.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        var = getattr(node, "variable", None)
+        if isinstance(var, nn.Parameter):
+            reached.add(var)
+        stack.extend(n for n, _ in node.next_functions)
+    return reached
+
+
+def _unbatched_message(losses: SharedTensor) -> str:
+    source = losses._sources[0]
+    where = (f"module '{source.name}' ({type(source.module).__name__})" if isinstance(source, CallSource)
+             else f"a parameter of module '{source.state.name}'")
+    return (f"losses of shape {tuple(losses.shape)} never met the batch: {where} got an input whose first dimension "
+            "is not the batch size of the model's input; engm_fast needs a batched input [B, ...] with the batch as "
+            "dimension 0 of every layer")
 
 
 def _check_losses(losses) -> int:

@@ -1,9 +1,11 @@
-"""torch.func fallback for modules without a fast rule (correct, slower).
+"""torch.func fallback for calls the engine cannot follow otherwise (correct, slower).
 
-For a module ``M`` that owns trainable parameters ``p`` but has no rule, the engine records
-``M``'s inputs and the gradient ``b`` of the loss with respect to ``M``'s output(s). The
-per-example gradient of ``p`` is then the vector-Jacobian product of ``M``'s forward on
-example ``i`` alone with cotangent ``b_i``::
+A module without a rule normally has its parameters followed as shared tensors
+(:mod:`engm_fast.engine.shared`). When one of them meets an operation the engine cannot follow
+(an ``einsum`` with a batched tensor, say), that call of the module ``M`` falls back here: the
+engine records ``M``'s inputs and the gradient ``b`` of the loss with respect to ``M``'s
+output(s). The per-example gradient of ``M``'s own parameters ``p`` is then the
+vector-Jacobian product of ``M``'s forward on example ``i`` alone with cotangent ``b_i``::
 
     g_i = d/dp  < M(p; x_i), b_i >        computed as vmap(grad(...)) over the batch
 
@@ -11,9 +13,7 @@ This is exact when ``M`` treats examples independently (no BatchNorm-like coupli
 ``M``) and its tensor arguments are batched along dimension 0. It re-runs ``M``'s forward
 once per step under ``vmap`` and materializes ``[B, *p.shape]`` for ``M``'s parameters, so it
 costs roughly one extra forward and backward of ``M``. Only ``M``'s own parameters are
-differentiated (those of submodules with rules are handled by their rules), except for
-modules in :data:`WHOLE_MODULE_TYPES`, whose forward reads their children's parameters
-directly (``nn.MultiheadAttention`` uses ``out_proj.weight`` without calling ``out_proj``).
+differentiated (those of submodules are handled by their own hooks).
 """
 from __future__ import annotations
 
@@ -23,15 +23,12 @@ from torch.func import functional_call, grad, vmap
 
 from .contributions import Dense
 
-__all__ = ["fallback_contributions", "fallback_parameter_names", "WHOLE_MODULE_TYPES"]
-
-WHOLE_MODULE_TYPES: tuple[type, ...] = (nn.MultiheadAttention,)
+__all__ = ["fallback_contributions", "fallback_parameter_names"]
 
 
 def fallback_parameter_names(module: nn.Module) -> list[str]:
-    """Names (relative to ``module``) of the parameters the fallback differentiates."""
-    recurse = isinstance(module, WHOLE_MODULE_TYPES)
-    return [n for n, p in module.named_parameters(recurse=recurse) if p.requires_grad]
+    """Names (relative to ``module``) of the parameters the fallback differentiates: its own."""
+    return [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
 
 
 def fallback_contributions(module: nn.Module, module_name: str, args: tuple, kwargs: dict,

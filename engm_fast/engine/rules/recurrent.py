@@ -1,0 +1,245 @@
+"""Recurrent layers: ``nn.RNN``, ``nn.LSTM``, ``nn.GRU`` and ``nn.RNNCell``, ``nn.LSTMCell``,
+``nn.GRUCell``.
+
+Their forward is one fused op (cuDNN, or ATen's CPU loop) that exposes no per-step gradient, so
+while the engine records, the rule runs the recurrence itself (``torch.nn`` semantics: gate
+order, bias placement, ``batch_first``, ``num_layers``, ``bidirectional``, ``proj_size``,
+dropout between layers, initial states, unbatched inputs) and taps ONE tensor per layer and
+direction: the input projection of the whole sequence, ``gx = x W_ih^T + b_ih``
+(``[B, T, gates]``). The gate pre-activations are ``z_t = gx_t + gh_t`` with
+``gh_t = h_{t-1} W_hh^T + b_hh``, so the gradient that reaches ``gx`` is ``dz`` for every step,
+and the per-example gradients are outer products over time, the factored form of a Linear
+over T positions::
+
+    W_ih: sum_t dz_t^T x_t      W_hh: sum_t dgh_t^T h_{t-1}      b_ih: sum_t dz_t      b_hh: sum_t dgh_t
+
+with ``dgh = dz`` for RNN and LSTM. For GRU the new gate's hidden part is scaled by the reset
+gate, ``n = tanh(gx_n + r * gh_n)``, so ``dgh_n = dz_n * r`` (the reset gates are kept). With
+``proj_size > 0`` (LSTM) each step's projection ``h_t = m_t W_hr^T`` is tapped too.
+
+Outside the engine's recording (attacks, evaluation, torch.func transforms) the module's own
+fused forward runs. Inside it, the results equal the fused op's to rounding; with dropout
+between layers the masks are drawn in another order (same distribution).
+``PackedSequence`` inputs are not supported (a clear ``NotImplementedError``).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..contributions import Dense, OuterProduct
+from ..registry import Rule, add_rule
+from ..tap import Record, tap
+
+__all__ = []
+
+
+class _GateRecord(Record):
+    """The input projection of one layer and direction (or one cell step)."""
+
+    __slots__ = ("w_ih", "w_hh", "b_ih", "b_hh", "h_prev", "reset", "hidden", "name")
+
+    def __init__(self, engine, name, w_ih, w_hh, b_ih, b_hh, hidden: int):
+        super().__init__(engine)
+        self.name, self.w_ih, self.w_hh, self.b_ih, self.b_hh, self.hidden = name, w_ih, w_hh, b_ih, b_hh, hidden
+        self.h_prev = None  # [B, T, H_in_hh], set after the loop
+        self.reset = None   # GRU: [B, T, H] reset gates
+
+    def describe(self) -> str:
+        return f"module '{self.name}' (recurrent)"
+
+    def complete(self, grads: tuple, saved: tuple) -> None:
+        dz = grads[0]
+        if dz is None:
+            return
+        engine = self.engine
+        engine._check_batch(dz, self)
+        (x,) = saved
+        session = engine._session
+        with torch.no_grad():
+            if self.reset is None:
+                dgh = dz
+            else:
+                H = self.hidden
+                dgh = torch.cat([dz[..., :2 * H], dz[..., 2 * H:] * self.reset.to(dz.dtype)], -1)
+            if self.w_ih.requires_grad:
+                session.add(self.w_ih, OuterProduct(x.to(dz.dtype), dz, self.w_ih.shape))
+            if self.w_hh.requires_grad:
+                session.add(self.w_hh, OuterProduct(self.h_prev.to(dz.dtype), dgh, self.w_hh.shape))
+            if self.b_ih is not None and self.b_ih.requires_grad:
+                session.add(self.b_ih, Dense(dz.sum(1)))
+            if self.b_hh is not None and self.b_hh.requires_grad:
+                session.add(self.b_hh, Dense(dgh.sum(1)))
+
+
+class _ProjectionRecord(Record):
+    """One step's LSTM projection ``h_t = m_t W_hr^T``."""
+
+    __slots__ = ("w_hr", "name")
+
+    def __init__(self, engine, name, w_hr):
+        super().__init__(engine)
+        self.name, self.w_hr = name, w_hr
+
+    def describe(self) -> str:
+        return f"module '{self.name}' (LSTM projection)"
+
+    def complete(self, grads: tuple, saved: tuple) -> None:
+        dh = grads[0]
+        if dh is None or not self.w_hr.requires_grad:
+            return
+        self.engine._check_batch(dh, self)
+        (m,) = saved
+        with torch.no_grad():
+            self.engine._session.add(self.w_hr, OuterProduct(m.unsqueeze(1).to(dh.dtype), dh.unsqueeze(1),
+                                                             self.w_hr.shape))
+
+
+def _mode(module) -> str:
+    if isinstance(module, (nn.LSTM, nn.LSTMCell)):
+        return "LSTM"
+    if isinstance(module, (nn.GRU, nn.GRUCell)):
+        return "GRU"
+    return "RNN_RELU" if module.nonlinearity == "relu" else "RNN_TANH"
+
+
+def _step(mode: str, gx_t, h, c, w_hh, b_hh, hidden: int):
+    """One recurrence step from the input projection ``gx_t``: ``(h_new, c_new, pre, reset)``
+    where ``pre`` is the LSTM's cell output before the projection."""
+    gh = F.linear(h, w_hh, b_hh)
+    if mode == "LSTM":
+        z = gx_t + gh
+        i, f, g, o = z.chunk(4, -1)
+        c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c_new), c_new, None
+    if mode == "GRU":
+        H = hidden
+        r = torch.sigmoid(gx_t[..., :H] + gh[..., :H])
+        zg = torch.sigmoid(gx_t[..., H:2 * H] + gh[..., H:2 * H])
+        n = torch.tanh(gx_t[..., 2 * H:] + r * gh[..., 2 * H:])
+        return (1 - zg) * n + zg * h, None, r
+    z = gx_t + gh
+    return (torch.relu(z) if mode == "RNN_RELU" else torch.tanh(z)), None, None
+
+
+def _direction(engine, module, name, mode, x, h, c, layer: int, reverse: bool):
+    """Runs one layer in one direction over ``x`` ``[B, T, in]``; returns outputs ``[B, T, H]``
+    and the final states."""
+    sfx = f"_l{layer}" + ("_reverse" if reverse else "")
+    w_ih, w_hh = getattr(module, "weight_ih" + sfx), getattr(module, "weight_hh" + sfx)
+    b_ih = getattr(module, "bias_ih" + sfx) if module.bias else None
+    b_hh = getattr(module, "bias_hh" + sfx) if module.bias else None
+    w_hr = getattr(module, "weight_hr" + sfx) if getattr(module, "proj_size", 0) > 0 else None
+    hidden = module.hidden_size
+    record = _GateRecord(engine, name, w_ih, w_hh, b_ih, b_hh, hidden)
+    gx = tap(record, (F.linear(x, w_ih, b_ih),), (x,))
+    T = x.shape[1]
+    outs, prev, resets = [None] * T, [None] * T, [None] * T
+    for t in (range(T - 1, -1, -1) if reverse else range(T)):
+        prev[t] = h
+        h, c, r = _step(mode, gx[:, t], h, c, w_hh, b_hh, hidden)
+        if w_hr is not None:
+            m = h
+            h = tap(_ProjectionRecord(engine, name, w_hr), (F.linear(m, w_hr),), (m,))
+        resets[t] = r
+        outs[t] = h
+    record.h_prev = torch.stack(prev, 1).detach()
+    if mode == "GRU":
+        record.reset = torch.stack(resets, 1).detach()
+    return torch.stack(outs, 1), h, c
+
+
+def _rnn_forward(engine, module: nn.RNNBase, name: str, input, hx=None):
+    if isinstance(input, nn.utils.rnn.PackedSequence):
+        raise NotImplementedError(f"module '{name}' ({type(module).__name__}): PackedSequence inputs are not "
+                                  "supported by engm_fast; pad the sequences (e.g. pad_packed_sequence) and pass a "
+                                  "tensor, masking the padded steps in the loss")
+    input = engine.batched(input)
+    mode = _mode(module)
+    batched = input.dim() == 3
+    if not batched:  # [T, in]: one sequence, whatever batch_first says
+        x = input.unsqueeze(0)
+    else:
+        x = input if module.batch_first else input.transpose(0, 1)
+    B = x.shape[0]
+    engine._batch = B  # the true batch size, also for a time-major model input
+    D = 2 if module.bidirectional else 1
+    L = module.num_layers
+    H_out = module.proj_size if getattr(module, "proj_size", 0) > 0 else module.hidden_size
+    if mode == "LSTM":
+        if hx is None:
+            h0 = x.new_zeros(L * D, B, H_out)
+            c0 = x.new_zeros(L * D, B, module.hidden_size)
+        else:
+            h0, c0 = (engine.batched(t) for t in hx)
+            if not batched:
+                h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
+    else:
+        h0 = x.new_zeros(L * D, B, H_out) if hx is None else engine.batched(hx)
+        if hx is not None and not batched:
+            h0 = h0.unsqueeze(1)
+        c0 = None
+    layer_in = x
+    hn, cn = [], []
+    for layer in range(L):
+        outs = []
+        for d in range(D):
+            k = layer * D + d
+            out, h, c = _direction(engine, module, name, mode, layer_in, h0[k], None if c0 is None else c0[k],
+                                   layer, d == 1)
+            outs.append(out)
+            hn.append(h)
+            cn.append(c)
+        layer_in = outs[0] if D == 1 else torch.cat(outs, -1)
+        if module.dropout and module.training and layer < L - 1:
+            layer_in = F.dropout(layer_in, module.dropout, True)
+    output = layer_in if (module.batch_first or not batched) else layer_in.transpose(0, 1)
+    h_n = torch.stack(hn, 0)
+    if not batched:
+        output = output.squeeze(0)
+        h_n = h_n.squeeze(1)
+    if mode == "LSTM":
+        c_n = torch.stack(cn, 0)
+        if not batched:
+            c_n = c_n.squeeze(1)
+        return output, (h_n, c_n)
+    return output, h_n
+
+
+def _cell_forward(engine, module: nn.RNNCellBase, name: str, input, hx=None):
+    input = engine.batched(input)
+    mode = _mode(module)
+    batched = input.dim() == 2
+    x = input if batched else input.unsqueeze(0)
+    B = x.shape[0]
+    H = module.hidden_size
+    if hx is None:
+        h = x.new_zeros(B, H)
+        c = x.new_zeros(B, H) if mode == "LSTM" else None
+    elif mode == "LSTM":
+        h, c = (engine.batched(t) for t in hx)
+        if not batched:
+            h, c = h.unsqueeze(0), c.unsqueeze(0)
+    else:
+        h, c = engine.batched(hx), None
+        if not batched:
+            h = h.unsqueeze(0)
+    b_ih = module.bias_ih if module.bias else None
+    b_hh = module.bias_hh if module.bias else None
+    record = _GateRecord(engine, name, module.weight_ih, module.weight_hh, b_ih, b_hh, H)
+    gx = tap(record, (F.linear(x, module.weight_ih, b_ih).unsqueeze(1),), (x.unsqueeze(1),))
+    record.h_prev = h.detach().unsqueeze(1)
+    h_new, c_new, r = _step(mode, gx[:, 0], h, c, module.weight_hh, b_hh, H)
+    if r is not None:
+        record.reset = r.detach().unsqueeze(1)
+    if not batched:
+        h_new = h_new.squeeze(0)
+        c_new = None if c_new is None else c_new.squeeze(0)
+    return (h_new, c_new) if mode == "LSTM" else h_new
+
+
+for _cls in (nn.RNN, nn.LSTM, nn.GRU):
+    add_rule(Rule(_cls, None, OuterProduct, _rnn_forward, _cls.__name__))
+for _cls in (nn.RNNCell, nn.LSTMCell, nn.GRUCell):
+    add_rule(Rule(_cls, None, OuterProduct, _cell_forward, _cls.__name__))
