@@ -49,5 +49,76 @@ def vmap_per_example_grads(model, loss_fn, *batched):
     return vmap(grad(one), in_dims=(None,) + (0,) * len(batched), randomness="same")(params, *batched)
 
 
+def plain_copy(model):
+    """A deep copy of ``model`` with no engine: no hooks, no replaced forwards."""
+    ref = copy.deepcopy(model)
+    from engm_fast.engine import release
+
+    release(ref)
+    for m in ref.modules():
+        m._forward_hooks.clear()
+        m._forward_hooks_with_kwargs.clear()
+        m._forward_pre_hooks.clear()
+        m.__dict__.pop("forward", None)  # a rule's replaced forward, copied as an instance attribute
+    return ref
+
+
+def loop_per_example_grads(model, make_losses, batch_size: int) -> dict:
+    """``{name: [B, *shape]}`` by one backward per example, for models torch.func cannot run.
+
+    ``make_losses(model, index)`` returns the per-example losses of the examples ``index`` (a
+    slice); it runs on a plain copy of ``model``.
+    """
+    ref = plain_copy(model)
+    named = [(n, p) for n, p in ref.named_parameters() if p.requires_grad]
+    out = {n: [] for n, _ in named}
+    for i in range(batch_size):
+        grads = torch.autograd.grad(make_losses(ref, slice(i, i + 1)).sum(), [p for _, p in named],
+                                    allow_unused=True)
+        for (n, p), g in zip(named, grads):
+            out[n].append(torch.zeros_like(p) if g is None else g)
+    return {n: torch.stack(gs) for n, gs in out.items()}
+
+
 def flat_norms(grads: dict) -> torch.Tensor:
     return torch.sqrt(sum(g.reshape(g.shape[0], -1).pow(2).sum(1) for g in grads.values()))
+
+
+def assert_engine_matches(model, make_losses, ref: dict, batch_size: int, rtol: float = 1e-9):
+    """The engine's norms and weighted sums, ``per_example_grad_norms`` and the ``p.grad`` ENGM
+    writes, against per-example reference gradients ``ref`` (``{name: [B, *shape]}``), in float64.
+
+    ``make_losses(model, index)`` gives the per-example losses of the examples ``index``. The
+    absolute tolerance is ``rtol`` times the largest reference entry (gradients that are zero in
+    exact arithmetic, such as an attention key bias's, come out at rounding level).
+    """
+    import engm_fast
+
+    B = batch_size
+    everything = slice(0, B)
+    ref_norms = flat_norms(ref)
+    atol = rtol * max(float(g.abs().max()) for g in ref.values())
+    engine = engm_fast.attach(model)
+    try:
+        grads = engine.backward(make_losses(model, everything))
+        w = torch.rand(B, dtype=torch.float64)
+        weighted = grads.weighted_grads(w)
+        public = engm_fast.per_example_grad_norms(model, make_losses(model, everything))
+        opt = engm_fast.ENGM(model, lr=0.1)
+        opt.zero_grad()
+        engm_norms = opt.backward(make_losses(model, everything))
+        for got in (grads.sqnorms().sqrt(), public, engm_norms):
+            torch.testing.assert_close(got, ref_norms, rtol=rtol, atol=0.0)
+        names = dict(model.named_parameters())
+        assert {grads.names[p] for p in weighted} == {n for n in ref if names[n] in weighted} == set(ref), \
+            f"parameters without per-example gradients: {set(ref) - {grads.names[p] for p in weighted}}"
+        engm_w = 1.0 / (ref_norms + 1e-6) / B
+        for name, g in ref.items():
+            p = names[name]
+            torch.testing.assert_close(weighted[p], torch.einsum("b,b...->...", w, g), rtol=rtol, atol=atol,
+                                       msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(p.grad, torch.einsum("b,b...->...", engm_w, g), rtol=rtol, atol=atol,
+                                       msg=lambda m: f"ENGM p.grad of {name}: {m}")
+        return engine
+    finally:
+        engm_fast.release(model)
