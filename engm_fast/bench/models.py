@@ -10,6 +10,21 @@
   ``nn.Linear`` projections and ``F.scaled_dot_product_attention`` (the shape of most modern
   implementations; every peer that supports Linear, LayerNorm and Embedding can run it).
 
+Model code nobody here wrote (the real-model cases; transformers is imported when one is built):
+
+* :func:`gpt2_lm`, :func:`llama_lm`: ``GPT2LMHeadModel`` (tied head, Conv1D, broadcast position
+  embeddings) and ``LlamaForCausalLM`` (RMSNorm, rotary embeddings) with a next-token loss summed
+  over each sequence (:func:`sequence_loss`);
+* :func:`bert_classifier`, :func:`vit_classifier`, :func:`convnext_classifier`:
+  ``BertForSequenceClassification``, ``ViTForImageClassification`` (class token, position
+  embeddings), ``ConvNextForImageClassification`` (channels-first LayerNorm, layer scale);
+* :func:`lstm_classifier`: Embedding, ``nn.LSTM``, Linear on the last hidden state;
+* :func:`encoder_layer_classifier`: Embedding, ``nn.TransformerEncoderLayer`` (its
+  ``nn.MultiheadAttention``), mean-pooled Linear.
+
+A model whose loss is not the cross-entropy of ``[B, classes]`` logits has a
+``per_example_loss(output, target) -> [B]`` method (:func:`per_example_loss` finds it).
+
 Example::
 
     >>> import torch
@@ -25,7 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["NORMS", "TransformerBlock", "cnn32", "mlp", "resnet18"]
+__all__ = ["NORMS", "TransformerBlock", "bert_classifier", "cnn32", "convnext_classifier",
+           "encoder_layer_classifier", "gpt2_lm", "llama_lm", "lstm_classifier", "mlp", "per_example_loss",
+           "resnet18", "sequence_loss", "vit_classifier"]
 
 NORMS = ("batch", "group")
 
@@ -152,3 +169,150 @@ class TransformerBlock(nn.Module):
         x = x + self.out(att)
         x = x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
         return self.head(x.mean(1))
+
+
+def per_example_loss(model: nn.Module):
+    """The bench loss of ``model``: ``(output, target) -> [B]``; cross-entropy unless the model
+    defines ``per_example_loss``.
+
+    Example::
+
+        >>> loss = per_example_loss(mlp(4, 8, 3))
+        >>> loss(torch.zeros(2, 3), torch.tensor([0, 2])).shape
+        torch.Size([2])
+    """
+    own = getattr(model, "per_example_loss", None)
+    return own if callable(own) else (lambda out, y: F.cross_entropy(out, y, reduction="none"))
+
+
+def sequence_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy summed over each sequence: ``[B, T, V]`` logits of ``[B, T]``
+    tokens -> ``[B]``.
+
+    Example::
+
+        >>> sequence_loss(torch.zeros(2, 4, 5), torch.zeros(2, 4, dtype=torch.long)).shape
+        torch.Size([2])
+    """
+    B, T, V = logits.shape
+    return F.cross_entropy(logits[:, :-1].reshape(-1, V), tokens[:, 1:].reshape(-1),
+                           reduction="none").view(B, T - 1).sum(1)
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError as exc:  # the bench reports the case as one it cannot run
+        raise ImportError("the real-model cases need transformers: pip install transformers") from exc
+    transformers.logging.set_verbosity_error()
+    return transformers
+
+
+class _Logits(nn.Module):
+    """A transformers model called on one tensor, returning its ``.logits``."""
+
+    def __init__(self, model: nn.Module, key: str, lm: bool):
+        super().__init__()
+        self.model, self.key, self.lm = model, key, lm
+
+    def forward(self, x):
+        return self.model(**{self.key: x}).logits
+
+    def per_example_loss(self, out, y):
+        return sequence_loss(out, y) if self.lm else F.cross_entropy(out, y, reduction="none")
+
+
+def gpt2_lm(d: int = 256, layers: int = 2, heads: int = 4, vocab: int = 1000, positions: int = 64) -> nn.Module:
+    """``GPT2LMHeadModel`` (random init, no dropout) on ``[B, T]`` tokens; loss :func:`sequence_loss`."""
+    tf = _transformers()
+    cfg = tf.GPT2Config(vocab_size=vocab, n_embd=d, n_layer=layers, n_head=heads, n_positions=positions,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    return _Logits(tf.GPT2LMHeadModel(cfg), "input_ids", lm=True)
+
+
+def llama_lm(d: int = 256, layers: int = 2, heads: int = 4, vocab: int = 1000, positions: int = 64) -> nn.Module:
+    """``LlamaForCausalLM`` (random init, grouped-query attention with half the heads for keys
+    and values, MLP 4x) on ``[B, T]`` tokens; loss :func:`sequence_loss`."""
+    tf = _transformers()
+    cfg = tf.LlamaConfig(vocab_size=vocab, hidden_size=d, intermediate_size=4 * d, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+                         max_position_embeddings=positions)
+    return _Logits(tf.LlamaForCausalLM(cfg), "input_ids", lm=True)
+
+
+def bert_classifier(d: int = 256, layers: int = 2, heads: int = 4, vocab: int = 1000, classes: int = 10,
+                    positions: int = 64) -> nn.Module:
+    """``BertForSequenceClassification`` (random init, no dropout) on ``[B, T]`` tokens."""
+    tf = _transformers()
+    cfg = tf.BertConfig(vocab_size=vocab, hidden_size=d, num_hidden_layers=layers, num_attention_heads=heads,
+                        intermediate_size=4 * d, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                        max_position_embeddings=positions, num_labels=classes)
+    return _Logits(tf.BertForSequenceClassification(cfg), "input_ids", lm=False)
+
+
+def vit_classifier(d: int = 256, layers: int = 2, heads: int = 4, image: int = 32, patch: int = 4,
+                   classes: int = 10) -> nn.Module:
+    """``ViTForImageClassification`` on ``[B, 3, image, image]`` (``(image/patch)^2 + 1`` tokens)."""
+    tf = _transformers()
+    cfg = tf.ViTConfig(image_size=image, patch_size=patch, num_channels=3, hidden_size=d, num_hidden_layers=layers,
+                       num_attention_heads=heads, intermediate_size=4 * d, hidden_dropout_prob=0.0,
+                       attention_probs_dropout_prob=0.0, num_labels=classes)
+    return _Logits(tf.ViTForImageClassification(cfg), "pixel_values", lm=False)
+
+
+def convnext_classifier(widths=(64, 128), depths=(1, 1), image: int = 32, classes: int = 10) -> nn.Module:
+    """``ConvNextForImageClassification`` on ``[B, 3, image, image]``: 7x7 depthwise convs,
+    channels-first LayerNorm in the stem and downsampling, layer scale."""
+    tf = _transformers()
+    cfg = tf.ConvNextConfig(num_channels=3, hidden_sizes=list(widths), depths=list(depths), num_stages=len(widths),
+                            num_labels=classes, image_size=image, drop_path_rate=0.0)
+    return _Logits(tf.ConvNextForImageClassification(cfg), "pixel_values", lm=False)
+
+
+class _LSTMClassifier(nn.Module):
+    def __init__(self, vocab, d, layers, classes):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.rnn = nn.LSTM(d, d, num_layers=layers, batch_first=True)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, tokens):
+        _, (h, _) = self.rnn(self.emb(tokens))
+        return self.head(h[-1])
+
+
+def lstm_classifier(vocab: int = 1000, d: int = 256, layers: int = 1, classes: int = 10) -> nn.Module:
+    """Embedding, ``nn.LSTM`` (batch first), Linear on the last layer's final hidden state.
+
+    Example::
+
+        >>> lstm_classifier(50, 16)(torch.zeros(2, 7, dtype=torch.long)).shape
+        torch.Size([2, 10])
+    """
+    return _LSTMClassifier(vocab, d, layers, classes)
+
+
+class _EncoderClassifier(nn.Module):
+    def __init__(self, vocab, d, heads, classes, batch_first):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.layer = nn.TransformerEncoderLayer(d, heads, 4 * d, dropout=0.0, batch_first=batch_first)
+        self.head = nn.Linear(d, classes)
+        self.batch_first = batch_first
+
+    def forward(self, tokens):
+        h = self.emb(tokens if self.batch_first else tokens.t())
+        h = self.layer(h)
+        return self.head(h.mean(1 if self.batch_first else 0))
+
+
+def encoder_layer_classifier(vocab: int = 1000, d: int = 256, heads: int = 4, classes: int = 10,
+                             batch_first: bool = True) -> nn.Module:
+    """Embedding, one ``nn.TransformerEncoderLayer`` (no dropout), mean-pooled Linear.
+
+    Example::
+
+        >>> encoder_layer_classifier(50, 16, 2)(torch.zeros(2, 7, dtype=torch.long)).shape
+        torch.Size([2, 10])
+    """
+    return _EncoderClassifier(vocab, d, heads, classes, batch_first)

@@ -36,7 +36,8 @@ from engm_fast.at import pgd_attack
 
 from . import methods as M
 from .measure import median_ratio, peak_step_memory, round_robin_times
-from .models import TransformerBlock, cnn32, mlp, resnet18
+from .models import (TransformerBlock, bert_classifier, cnn32, convnext_classifier, encoder_layer_classifier, gpt2_lm,
+                     llama_lm, lstm_classifier, mlp, resnet18, vit_classifier)
 
 __all__ = ["CASES", "Case", "amortize_proxy", "cases_for", "format_table", "run"]
 
@@ -74,6 +75,35 @@ def _tokens(B: int, T: int, vocab: int, classes: int = 10):
     return make
 
 
+def _lm_tokens(B: int, T: int, vocab: int):
+    def make(gen):
+        tokens = torch.randint(0, vocab, (B, T), generator=gen)
+        return tokens, tokens  # next-token targets: the sequence itself, shifted by the loss
+    return make
+
+
+def real_model_cases(quick: bool) -> list[Case]:
+    """Model code nobody here wrote, at width 256, T = 32, B = 32 (quick: 32, 8, 8)."""
+    d, T, B, heads, vocab = (32, 8, 8, 2, 100) if quick else (256, 32, 32, 4, 1000)
+    size = f"width {d}, T={T}, B={B}"
+    image = 16 if quick else 32
+    return [
+        Case("gpt2", lambda: gpt2_lm(d, 2, heads, vocab), _lm_tokens(B, T, vocab),
+             note=f"GPT2LMHeadModel, 2 layers, tied head, {size}"),
+        Case("bert", lambda: bert_classifier(d, 2, heads, vocab), _tokens(B, T, vocab),
+             note=f"BertForSequenceClassification, 2 layers, {size}"),
+        Case("llama", lambda: llama_lm(d, 2, heads, vocab), _lm_tokens(B, T, vocab),
+             note=f"LlamaForCausalLM, 2 layers, {size}"),
+        Case("vit", lambda: vit_classifier(d, 2, heads, image=image, patch=4), _images(B, H=image),
+             note=f"ViTForImageClassification, 2 layers, width {d}, {(image // 4) ** 2 + 1} tokens, B={B}"),
+        Case("lstm", lambda: lstm_classifier(vocab, d), _tokens(B, T, vocab), note=f"Embedding + nn.LSTM, {size}"),
+        Case("encoder_layer", lambda: encoder_layer_classifier(vocab, d, heads, batch_first=False),
+             _tokens(B, T, vocab), note=f"nn.TransformerEncoderLayer (time-major), {size}"),
+        Case("convnext", lambda: convnext_classifier((d // 4, d // 2), (1, 1), image), _images(B, H=image),
+             note=f"ConvNextForImageClassification, widths {d // 4}-{d // 2}, {image}x{image}, B={B}"),
+    ]
+
+
 def cases_for(device: str, quick: bool) -> dict[str, Case]:
     """The cases at the issue's sizes (CPU or CUDA), or small ones for ``quick``.
 
@@ -100,7 +130,7 @@ def cases_for(device: str, quick: bool) -> dict[str, Case]:
         Case("transformer", lambda: TransformerBlock(vocab, tf["d"], tf["heads"]), _tokens(tf["B"], tf["T"], vocab),
              note=tf_note),
         Case("pgd10_cnn", cnn32, _images(b_cnn), kind="pgd10", note=f"PGD-10 + step, 32x32, B={b_cnn}"),
-    ]
+    ] + real_model_cases(quick)
     if device == "cuda":
         cases += [
             Case("resnet18_gn_bf16", lambda: resnet18("group", width), _images(b_res), autocast=True,
@@ -148,7 +178,12 @@ def _iteration(case: Case, runner: M.Runner, method: str, x, y, device) -> Calla
 def _run_case(case: Case, methods: list[str], device: torch.device, rounds: int, iters: int,
               log: Callable[[str], None]) -> list[dict]:
     torch.manual_seed(0)
-    base_model = case.make_model().to(device)
+    try:
+        base_model = case.make_model().to(device)
+    except ImportError as exc:  # an optional package the case needs
+        log(f"{case.name}: skipped ({exc})")
+        return [{"case": case.name, "method": m, "kind": case.kind, "note": case.note, "status": f"cannot: {exc}"}
+                for m in methods]
     gen = torch.Generator().manual_seed(1)
     x, y = (t.to(device) for t in case.make_batch(gen))
     fns, rows = {}, {}
@@ -172,6 +207,8 @@ def _run_case(case: Case, methods: list[str], device: torch.device, rounds: int,
             row["status"] = f"failed: {_short(exc)}"
             continue
         row["status"] = "ok"
+        if (method, case.name) in M.KNOWN_WRONG:
+            row["wrong_update"] = M.KNOWN_WRONG[(method, case.name)]
         fns[method] = fn
         log(f"{case.name}: {method} ready")
     if "sgd" not in fns:
@@ -314,8 +351,10 @@ def format_table(rows: list[dict]) -> str:
     lines = []
     for r in rows:
         if r.get("status") == "ok":
+            note = r["note"] if r["method"] == "sgd" else ("WRONG UPDATE: " + r["wrong_update"]
+                                                           if r.get("wrong_update") else "")
             lines.append((r["case"], r["method"], f"{r['time_ratio']:.2f}x", f"{r['mem_ratio']:.2f}x",
-                          f"{r['ms']:.1f}", r["note"] if r["method"] == "sgd" else ""))
+                          f"{r['ms']:.1f}", note))
         else:
             lines.append((r["case"], r["method"], "-", "-", "-", r.get("status", "")))
     widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)]
