@@ -209,11 +209,16 @@ class _Session:
 
 
 class _CallRecord(Record):
-    """One call of a module with a rule (``batch_dim`` 1: a time-major call)."""
+    """One call of a module with a rule.
+
+    ``batch_dim``: 0 (batch first), 1 (time-major ``[T, B, ...]``), ``"flat"`` (a flattened batch
+    ``[B * k, ...]``, example-major as ``x.reshape(-1, d)`` of a batch-first ``x`` gives) or
+    ``"flat_t"`` (flattened time-major, ``[k * B, ...]``).
+    """
 
     __slots__ = ("name", "module", "rule", "template", "batch_dim")
 
-    def __init__(self, engine, name: str, module: nn.Module, rule: Rule, args: tuple, batch_dim: int = 0):
+    def __init__(self, engine, name: str, module: nn.Module, rule: Rule, args: tuple, batch_dim=0):
         super().__init__(engine)
         self.name, self.module, self.rule, self.batch_dim = name, module, rule, batch_dim
         # Positional arguments with None where a tensor was: tensors travel as saved tensors.
@@ -226,10 +231,10 @@ class _CallRecord(Record):
         tensors = iter(saved)
         args = tuple(next(tensors) if a is None else a for a in self.template)
         b = grads[0]
-        if self.batch_dim == 1 and b is not None:  # time-major: the batch first for the rule
+        if self.batch_dim != 0 and b is not None:  # the batch first for the rule
             self.engine._check_batch(b, self)
-            args = tuple(a.movedim(1, 0) if isinstance(a, torch.Tensor) and a.dim() >= 2 else a for a in args)
-            b = b.movedim(1, 0)
+            args = tuple(_batch_first_view(a, self.batch_dim, self.engine._session.batch) for a in args)
+            b = _batch_first_view(b, self.batch_dim, self.engine._session.batch)
         self.engine._add_rule_call(self.rule, self.module, self.name, args, b, self)
 
 
@@ -528,10 +533,11 @@ class PerExampleEngine(SharedOps):
                 source = CallSource(rule, module, name, args, output._plain, False)
                 return SharedTensor.wrap(engine, output._plain, output._sources + (source,))
             B = engine._batch
-            if B is not None and rule.time_major and output.dim() >= 2 and output.shape[1] == B and (
-                    engine._batch_dim == 1 or (output.shape[0] not in (1, B) and _second_dim_is(args, B))):
-                inputs = tuple(a for a in args if isinstance(a, torch.Tensor))
-                return tap(_CallRecord(engine, name, module, rule, args, batch_dim=1), (output,), inputs)
+            if B is not None and rule.positionwise:
+                layout = _positionwise_layout(output, args, B, engine._batch_dim)
+                if layout:
+                    inputs = tuple(a for a in args if isinstance(a, torch.Tensor))
+                    return tap(_CallRecord(engine, name, module, rule, args, batch_dim=layout), (output,), inputs)
             if B is not None:
                 shared = output.dim() == 0 or output.shape[0] != B
                 maybe = (not shared and B > 1 and
@@ -640,8 +646,13 @@ class PerExampleEngine(SharedOps):
     # -- backward ------------------------------------------------------------------------
     def _check_batch(self, g: torch.Tensor, record: Record) -> None:
         B = self._session.batch
-        dim = getattr(record, "batch_dim", 0)
-        if g.dim() <= dim or g.shape[dim] != B:
+        layout = getattr(record, "batch_dim", 0)
+        if layout in ("flat", "flat_t"):
+            if g.dim() == 0 or g.shape[0] % B:
+                raise ValueError(f"losses has shape {(B,)} but {record.describe()}, recorded as a flattened batch, "
+                                 f"produced an output of shape {tuple(g.shape)}")
+            return
+        if g.dim() <= layout or g.shape[layout] != B:
             raise ValueError(
                 f"losses has shape {(B,)} but {record.describe()} produced an output of shape {tuple(g.shape)}; "
                 "the batch must be dimension 0 of every layer and the losses must hold one entry per example"
@@ -775,12 +786,36 @@ def _batch_first(module: nn.Module) -> bool:
     return True
 
 
-def _second_dim_is(args: tuple, B: int) -> bool:
-    """Whether the call's first tensor argument has the batch size at dimension 1."""
-    for a in args:
-        if isinstance(a, torch.Tensor):
-            return a.dim() >= 2 and a.shape[1] == B
-    return False
+def _first_tensor(args: tuple):
+    return next((a for a in args if isinstance(a, torch.Tensor)), None)
+
+
+def _positionwise_layout(output: torch.Tensor, args: tuple, B: int, context_dim: int):
+    """How a position-wise call (Linear, LayerNorm, ...) holds the batch when not first: 1
+    (time-major ``[T, B, ...]``), ``"flat"``/``"flat_t"`` (a flattened ``[B * k, ...]``), or 0."""
+    x = _first_tensor(args)
+    if x is None or output.dim() == 0 or x.dim() == 0:
+        return 0
+    if output.dim() >= 2 and output.shape[1] == B and (
+            context_dim == 1 or (output.shape[0] not in (1, B) and x.dim() >= 2 and x.shape[1] == B)):
+        return 1
+    n = output.shape[0]
+    if B > 1 and n > B and n % B == 0 and x.shape[0] == n:
+        return "flat_t" if context_dim == 1 else "flat"
+    return 0
+
+
+def _batch_first_view(t, layout, B: int):
+    """``t`` of a recorded call with the batch moved first (``layout`` as in _CallRecord)."""
+    if not isinstance(t, torch.Tensor) or t.dim() == 0:
+        return t
+    if layout == 1:
+        return t.movedim(1, 0) if t.dim() >= 2 else t
+    if layout == "flat":
+        return t.reshape((B, t.shape[0] // B) + tuple(t.shape[1:]))
+    if layout == "flat_t":
+        return t.reshape((t.shape[0] // B, B) + tuple(t.shape[1:])).movedim(1, 0)
+    return t
 
 
 def _escaped(state: CallState, output, args: tuple, kwargs: dict, batch: int | None) -> bool:
@@ -788,7 +823,9 @@ def _escaped(state: CallState, output, args: tuple, kwargs: dict, batch: int | N
     if batch is None:
         return False
     items = output if isinstance(output, (tuple, list)) else (output,)
-    mine = [o for o in items if isinstance(o, SharedTensor)
+    # A batch-sized shared output: the parameters met the batch where the engine could not see
+    # it. A shared output of another size (BART's position embeddings, [1, T, d]) is legitimate.
+    mine = [o for o in items if isinstance(o, SharedTensor) and o._plain.dim() > 0 and o._plain.shape[0] == batch > 1
             and any(isinstance(s, ParamSource) and s.state is state for s in o._sources)]
     if not mine:
         return False

@@ -54,9 +54,10 @@ class Rule:
         name: shown in messages.
         check: ``check(module_name, module)`` raises for configurations the rule cannot handle;
             called when the engine hooks the module.
-        time_major: every dimension between the batch and the features is a position (Linear,
-            Embedding, LayerNorm), so a time-major call (``[T, B, ...]``, the batch second) is
-            handled by moving the batch first.
+        positionwise: every dimension between the batch and the features is a position
+            (Linear, Embedding, LayerNorm, RMSNorm), so a time-major call (``[T, B, ...]``) or a
+            call on a flattened batch (``[B * T, d]`` from ``x.reshape(-1, d)``) is handled by
+            moving the batch first.
     """
 
     module_type: type | None
@@ -65,7 +66,7 @@ class Rule:
     forward: Callable | None = None
     name: str = ""
     check: Callable | None = None
-    time_major: bool = False
+    positionwise: bool = False
 
     @property
     def merge(self) -> Callable[[Contribution, Contribution], Contribution]:
@@ -130,7 +131,7 @@ def _qualified(cls: type) -> str:
 
 
 def register_rule(module_type: type | str, *, kind: type = Dense, forward: Callable | None = None,
-                  check: Callable | None = None, time_major: bool = False, replace: bool = False):
+                  check: Callable | None = None, positionwise: bool = False, replace: bool = False):
     """Registers how the engine computes per-example gradients of ``module_type``'s parameters.
 
     Use it as a decorator on ``fn(module, inputs, grad_output) -> {parameter name: grads}``:
@@ -149,8 +150,9 @@ def register_rule(module_type: type | str, *, kind: type = Dense, forward: Calla
     package (``"transformers.pytorch_utils.Conv1D"``) so it is recognized without importing it.
     Register before attaching the engine to a model that uses the type (rules are looked up
     when a module is hooked). Registering a type twice raises unless ``replace=True``.
-    ``time_major=True`` says that every dimension between the batch and the last is a position,
-    so calls on time-major inputs ``[T, B, ...]`` can be handled by moving the batch first.
+    ``positionwise=True`` says that every dimension between the batch and the last is a
+    position, so calls on time-major inputs ``[T, B, ...]`` or on a flattened batch
+    ``[B * T, d]`` can be handled by moving the batch first.
 
     Example:
         >>> import torch, torch.nn as nn, engm_fast
@@ -175,10 +177,10 @@ def register_rule(module_type: type | str, *, kind: type = Dense, forward: Calla
     def decorator(fn):
         if isinstance(module_type, str):
             key, table = module_type, _BY_NAME
-            rule = Rule(None, fn, kind, forward, module_type.rsplit(".", 1)[-1], check, time_major)
+            rule = Rule(None, fn, kind, forward, module_type.rsplit(".", 1)[-1], check, positionwise)
         elif isinstance(module_type, type) and issubclass(module_type, nn.Module):
             key, table = module_type, _BY_TYPE
-            rule = Rule(module_type, fn, kind, forward, module_type.__name__, check, time_major)
+            rule = Rule(module_type, fn, kind, forward, module_type.__name__, check, positionwise)
         else:
             raise TypeError(f"register_rule: expected an nn.Module subclass or a qualified class name, got {module_type!r}")
         if fn is None and forward is None:

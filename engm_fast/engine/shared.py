@@ -58,6 +58,7 @@ _SHAPE = frozenset({
 # Property getters that are views (Tensor.T, ...); every other getter returns plain metadata.
 _SHAPE_PROPERTIES = frozenset({"T", "mT", "H", "mH"})
 _EXPAND = frozenset({"expand", "expand_as", "broadcast_to"})
+_REPEAT = frozenset({"repeat"})
 # Metadata and conversions to Python values: answered by the plain tensor, never followed.
 _METADATA = frozenset({
     "dim", "ndimension", "size", "numel", "nelement", "stride", "storage_offset", "is_contiguous",
@@ -168,13 +169,14 @@ class CallSource:
 
 
 class _BroadcastRecord(Record):
-    """A shared value expanded to the batch: per-example gradients of its sources."""
+    """A shared value expanded (or repeated: ``repeated``) to the batch: per-example gradients
+    of its sources."""
 
-    __slots__ = ("value", "aligned", "sources")
+    __slots__ = ("value", "aligned", "sources", "repeated")
 
-    def __init__(self, engine, value, aligned, sources):
+    def __init__(self, engine, value, aligned, sources, repeated: bool = False):
         super().__init__(engine)
-        self.value, self.aligned, self.sources = value, aligned, sources
+        self.value, self.aligned, self.sources, self.repeated = value, aligned, sources, repeated
 
     def describe(self) -> str:
         return "shared tensor of " + ", ".join(_describe(s) for s in self.sources)
@@ -185,8 +187,14 @@ class _BroadcastRecord(Record):
             return
         engine = self.engine
         B = b.shape[0]
-        engine._check_batch(b, self)
-        b = b.sum_to_size((B,) + tuple(self.aligned[1:])).reshape((B,) + tuple(self.value.shape))
+        if self.repeated:  # value.repeat(B, 1, ...): example-major copies along dim 0
+            if b.dim() == 0 or b.shape[0] % B:
+                engine._check_batch(b, self)
+            B = engine._session.batch
+            b = b.reshape((B,) + tuple(self.value.shape))
+        else:
+            engine._check_batch(b, self)
+            b = b.sum_to_size((B,) + tuple(self.aligned[1:])).reshape((B,) + tuple(self.value.shape))
         _emit(engine, self.value, self.sources, b)
 
 
@@ -359,6 +367,23 @@ class SharedOps:
                 aligned = _aligned_shape(st._plain, out.dim())
                 return tap(_BroadcastRecord(self, st._plain, aligned, st._sources), (out,))
             return st._derive(out, keep_maybe=True)
+        # The user's own repeat(B, 1, ...): example-major copies, a batch (flattened when the
+        # value has a first dimension of its own: DeBERTa's [B * heads, ...]).
+        if name in _REPEAT and isinstance(flat[0], SharedTensor) and B is not None and B > 1:
+            st = flat[0]
+            args, kwargs = tree_unflatten(list(flat), spec)
+            sizes = args[1:] if len(args) > 1 else kwargs.get("repeats", ())
+            if len(sizes) == 1 and isinstance(sizes[0], (tuple, list, torch.Size)):
+                sizes = tuple(sizes[0])
+            sizes = tuple(int(v) for v in sizes)
+            if sizes and sizes[0] == B and all(v == 1 for v in sizes[1:]) and len(sizes) >= st._plain.dim() \
+                    and not st._maybe_batched:
+                out = _call(func, flat, spec)
+                value = st._plain
+                if len(sizes) > value.dim():  # repeat prepends dims: the same as an expand
+                    aligned = _aligned_shape(value, len(sizes))
+                    return tap(_BroadcastRecord(self, value, aligned, st._sources), (out,))
+                return tap(_BroadcastRecord(self, value, tuple(value.shape), st._sources, repeated=True), (out,))
         # 2. Pure shape changes keep the value shared.
         if name in _SHAPE and len(shared) == 1 and isinstance(flat[0], SharedTensor):
             return _wrap_result(self, _call(func, flat, spec), shared[0]._sources, shared[0]._maybe_batched)

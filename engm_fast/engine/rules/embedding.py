@@ -43,7 +43,7 @@ def _check(name: str, module: nn.Embedding) -> None:
             raise NotImplementedError(f"module '{name}' (nn.Embedding): {flag}={getattr(module, flag)!r}: {why}")
 
 
-@register_rule(nn.Embedding, kind=IndexedRows, check=_check, time_major=True)
+@register_rule(nn.Embedding, kind=IndexedRows, check=_check, positionwise=True)
 def _embedding(module: nn.Embedding, inputs: tuple, b: torch.Tensor) -> dict[str, Contribution]:
     if not module.weight.requires_grad:
         return {}

@@ -49,12 +49,12 @@ def _trainable(p):
     return p if isinstance(p, nn.Parameter) and p.requires_grad else None
 
 
-@register_rule(nn.Linear, kind=OuterProduct, time_major=True)
+@register_rule(nn.Linear, kind=OuterProduct, positionwise=True)
 def _linear(module: nn.Linear, inputs: tuple, b: torch.Tensor) -> dict[str, Contribution]:
     return linear_contributions(inputs[0], b, _trainable(module.weight), _trainable(module.bias))
 
 
-@register_rule("transformers.pytorch_utils.Conv1D", kind=OuterProduct, time_major=True)
+@register_rule("transformers.pytorch_utils.Conv1D", kind=OuterProduct, positionwise=True)
 def _conv1d_transformers(module: nn.Module, inputs: tuple, b: torch.Tensor) -> dict[str, Contribution]:
     return linear_contributions(inputs[0], b, _trainable(module.weight), _trainable(module.bias), transposed=True)
 

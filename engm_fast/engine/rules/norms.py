@@ -80,7 +80,7 @@ def batch_norm_contributions(x, b, running_mean, running_var, weight, bias, use_
     return _channel_affine(xhat, b, weight, bias)
 
 
-@register_rule(nn.LayerNorm, time_major=True)
+@register_rule(nn.LayerNorm, positionwise=True)
 def _layer_norm(module: nn.LayerNorm, inputs: tuple, b: torch.Tensor) -> dict[str, Contribution]:
     return layer_norm_contributions(inputs[0], b, module.normalized_shape, _trainable(module.weight),
                                     _trainable(module.bias), module.eps)
@@ -93,7 +93,7 @@ def _group_norm(module: nn.GroupNorm, inputs: tuple, b: torch.Tensor) -> dict[st
 
 
 if hasattr(nn, "RMSNorm"):
-    @register_rule(nn.RMSNorm, time_major=True)
+    @register_rule(nn.RMSNorm, positionwise=True)
     def _rms_norm(module: nn.RMSNorm, inputs: tuple, b: torch.Tensor) -> dict[str, Contribution]:
         return rms_norm_contributions(inputs[0], b, module.normalized_shape, _trainable(module.weight), module.eps)
 

@@ -134,11 +134,14 @@ def _direction(engine, module, name, mode, x, h, c, layer: int, reverse: bool):
     hidden = module.hidden_size
     record = _GateRecord(engine, name, w_ih, w_hh, b_ih, b_hh, hidden)
     gx = tap(record, (F.linear(x, w_ih, b_ih),), (x,))
+    # unbind, not gx[:, t]: the backward of T selects would write T zero-filled copies of gx
+    # (T^2 memory traffic, most of an LSTM step at T = 32); unbind's backward stacks once.
+    steps = gx.unbind(1)
     T = x.shape[1]
     outs, prev, resets = [None] * T, [None] * T, [None] * T
     for t in (range(T - 1, -1, -1) if reverse else range(T)):
         prev[t] = h
-        h, c, r = _step(mode, gx[:, t], h, c, w_hh, b_hh, hidden)
+        h, c, r = _step(mode, steps[t], h, c, w_hh, b_hh, hidden)
         if w_hr is not None:
             m = h
             h = tap(_ProjectionRecord(engine, name, w_hr), (F.linear(m, w_hr),), (m,))
