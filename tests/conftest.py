@@ -29,9 +29,9 @@ def vmap_per_example_grads(model, loss_fn, *batched):
     copy of ``model`` with no engine attached, one example at a time under vmap.
     """
     ref = copy.deepcopy(model)
-    from engm_fast.engine import detach
+    from engm_fast.engine import release
 
-    detach(ref)
+    release(ref)
     # deepcopy copies hooks too: drop them so the reference runs plain PyTorch.
     for m in ref.modules():
         m._forward_hooks.clear()

@@ -140,7 +140,7 @@ def _autocast_autograd_grads(model, x, y, norms, dtype):
     """The same weighted gradient by plain autograd under the same autocast: sum_i w_i loss_i
     with ENGM's weights, backward. Both sides then round alike, so the check is tight."""
     ref = copy.deepcopy(model)
-    engm_fast.detach(ref)
+    engm_fast.release(ref)
     for m in ref.modules():
         m._forward_hooks.clear()
         m._forward_hooks_with_kwargs.clear()

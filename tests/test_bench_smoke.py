@@ -65,12 +65,12 @@ def _reference_update(model, x, y) -> torch.Tensor:
         # Train-mode BatchNorm has no per-example gradient that torch.func can give; the engine's
         # convention (g_i = b_i^T a_i, the sum decomposition) is tested against an explicit
         # decomposition in test_engine_per_example.py. Here: the engine in float64.
-        from engm_fast.engine import attach, detach
+        from engm_fast.engine import attach, release
 
         engine = attach(m)
         losses = F.cross_entropy(m(xd), y, reduction="none")
         grads = engine.backward(losses, list(m.parameters()))
-        detach(m)
+        release(m)
         norms = grads.sqnorms().sqrt()
         g = grads.weighted_grads(1.0 / (norms + EPS) / len(y))
         return -LR * torch.cat([g[p].flatten() for p in m.parameters()])

@@ -48,7 +48,7 @@ def _check_model(model, x, y, backend="torch"):
         torch.testing.assert_close(g, torch.einsum("b,b...->...", w, ref[name]), **TOL, msg=lambda m: f"{name}: {m}")
         torch.testing.assert_close(p.grad, torch.einsum("b,b...->...", engm_w, ref[name]), **TOL,
                                    msg=lambda m: f"ENGM p.grad of {name}: {m}")
-    engm_fast.detach(model)
+    engm_fast.release(model)
 
 
 class Flatten(nn.Module):
@@ -277,7 +277,7 @@ def test_fallback_modules():
     model = WithFallback()
     engine = engm_fast.attach(model)
     assert set(engine.fallback_modules) == {"aff", "prelu", "bil", "<root>"}
-    engm_fast.detach(model)
+    engm_fast.release(model)
     _check_model(model, torch.randn(5, 4), torch.randint(0, 3, (5,)))
 
 
@@ -317,7 +317,7 @@ def test_per_example_grad_norms_public_api_leaves_grads():
     torch.testing.assert_close(fast, ref, **TOL)
     for p, s in zip(model.parameters(), sentinel):
         assert torch.equal(p.grad, s)
-    engm_fast.detach(model)
+    engm_fast.release(model)
 
 
 def test_float32_norms_dtype():
@@ -325,7 +325,7 @@ def test_float32_norms_dtype():
     engm_fast.attach(model)
     n = engm_fast.per_example_grad_norms(model, model(torch.randn(4, 3)).pow(2).sum(1))
     assert n.dtype == torch.float32 and n.shape == (4,)
-    engm_fast.detach(model)
+    engm_fast.release(model)
 
 
 def test_attack_passes_leave_no_state():
@@ -350,7 +350,7 @@ def test_attack_passes_leave_no_state():
     assert all(p.grad is None for p in model.parameters())
     ref = flat_norms(vmap_per_example_grads(model, _ce, x, y))
     torch.testing.assert_close(engm_fast.per_example_grad_norms(model, F.cross_entropy(model(x), y, reduction="none")), ref, **TOL)
-    engm_fast.detach(model)
+    engm_fast.release(model)
 
 
 def test_inplace_activation_after_layer():
@@ -391,4 +391,4 @@ def test_pgd_attack_pauses_recording():
         assert calls == [1, 1]
     finally:
         tap_mod._Tap.apply = original
-        engm_fast.detach(model)
+        engm_fast.release(model)

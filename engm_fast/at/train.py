@@ -462,7 +462,7 @@ class TrainingRun:
                 if not self.is_proxy or opt.proxy.calibrations > calibrations:
                     exact_norms = norms.detach()
                 if self.monitor is not None:
-                    self.monitor.observe_engm(opt, norms)
+                    self.monitor.observe_engm(opt)
                 ep.engm_norm_means.append(float(opt.diagnostics["norm_mean"]))
             elif self.monitor is not None:
                 grads = self.engine.backward(losses)

@@ -1,5 +1,5 @@
 """The one-backward per-example gradient engine: capture, layer rules, norms, weighted sums."""
-from .engine import PerExampleEngine, PerExampleGradients, attach, detach, engine_of
+from .engine import PerExampleEngine, PerExampleGradients, attach, engine_of, release
 from .rules import RULES
 
-__all__ = ["PerExampleEngine", "PerExampleGradients", "attach", "detach", "engine_of", "RULES"]
+__all__ = ["PerExampleEngine", "PerExampleGradients", "attach", "engine_of", "release", "RULES"]

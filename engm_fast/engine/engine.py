@@ -32,7 +32,7 @@ from .fallback import WHOLE_MODULE_TYPES, fallback_contributions, fallback_param
 from .rules import check_supported, rule_for
 from .tap import Record, tap
 
-__all__ = ["PerExampleEngine", "PerExampleGradients", "attach", "detach", "engine_of"]
+__all__ = ["PerExampleEngine", "PerExampleGradients", "attach", "engine_of", "release"]
 
 _ENGINES: "weakref.WeakKeyDictionary[nn.Module, PerExampleEngine]" = weakref.WeakKeyDictionary()
 
@@ -119,14 +119,15 @@ def engine_of(model: nn.Module) -> "PerExampleEngine | None":
     return _ENGINES.get(_unwrap(model))
 
 
-def detach(model: nn.Module) -> None:
-    """Removes ``model``'s engine and its hooks (no-op when none is attached).
+def release(model: nn.Module) -> None:
+    """Removes ``model``'s engine and its hooks (no-op when none is attached), with the hooks
+    tied to it (:meth:`PerExampleEngine.tie_hook`, e.g. ENGM's input-proxy hook).
 
     Example:
         >>> import torch, engm_fast
         >>> model = torch.nn.Linear(2, 2)
         >>> _ = engm_fast.attach(model)
-        >>> engm_fast.detach(model)
+        >>> engm_fast.release(model)
         >>> engm_fast.engine_of(model) is None
         True
     """
@@ -294,8 +295,23 @@ class PerExampleEngine:
         finally:
             self._suspended = previous
 
+    def tie_hook(self, handle) -> None:
+        """Removes the hook ``handle`` (registered on the model by a user of this engine, such as
+        ENGM's input-proxy pre-hook) when the engine is removed.
+
+        Example:
+            >>> import torch, engm_fast
+            >>> model = torch.nn.Linear(3, 2)
+            >>> calls = []
+            >>> engm_fast.attach(model).tie_hook(model.register_forward_pre_hook(lambda m, a: calls.append(1)))
+            >>> engm_fast.release(model)
+            >>> _ = model(torch.zeros(1, 3)); calls
+            []
+        """
+        self._handles.append(handle)
+
     def remove(self) -> None:
-        """Removes the forward hooks (the engine is unusable afterwards)."""
+        """Removes the forward hooks and the tied ones (the engine is unusable afterwards)."""
         for h in self._handles:
             h.remove()
         self._handles.clear()
@@ -501,14 +517,18 @@ class PerExampleEngine:
             )
 
 
-def _check_losses(losses) -> int:
+def _check_losses(losses, allow_empty: bool = False) -> int:
+    """The batch size of valid per-example losses. One exception type per kind of bad input,
+    shared by the engine, ``per_example_grad_norms`` and ``ENGM.backward``: ``TypeError`` for
+    what is not a floating-point tensor, ``ValueError`` for a wrong shape, an empty batch
+    (unless ``allow_empty``: a DDP rank with no examples) or losses without a graph."""
     if not isinstance(losses, torch.Tensor):
         raise TypeError(f"losses must be a tensor of per-example losses [B], got {type(losses).__name__}")
     if losses.dim() != 1:
         raise ValueError(
             f"losses must be 1-D (one loss per example, e.g. reduction='none'), got shape {tuple(losses.shape)}"
         )
-    if losses.shape[0] == 0:
+    if losses.shape[0] == 0 and not allow_empty:
         raise ValueError("losses is empty (batch of 0 examples): nothing to compute")
     if not losses.is_floating_point():
         raise TypeError(f"losses must be floating point, got {losses.dtype}")

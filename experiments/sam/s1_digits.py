@@ -1,4 +1,4 @@
-"""S1: SAM vs delta-SAM (both weightings) vs the base optimizer on digits with 20% label noise.
+"""S1: SAM vs delta-SAM (both score sources) vs the base optimizer on digits with 20% label noise.
 
 Data: scikit-learn's 8x8 digits (ships with the package), the stratified 75/25 split of
 ``engm_fast.data.load_digits``; 20% of the training labels are replaced by a different
@@ -7,8 +7,8 @@ class drawn uniformly (fixed by the seed); test labels are clean. Model: MLP 64-
 
 * ``SGD``: the base optimizer alone
 * ``SAM``: ``engm_fast.optim.SAM(rho=0.1)``
-* ``dSAM-pert``: ``DeltaSAM(weighting="perturbation", noise_scale=0.01, n_perturb=1, temperature=1)``
-* ``dSAM-norm``: ``DeltaSAM(weighting="grad_norm", temperature=1)`` (exact per-example norms)
+* ``dSAM-pert``: ``DeltaSAM(score_source="perturbation", noise_scale=0.01, n_perturb=1, temperature=1)``
+* ``dSAM-norm``: ``DeltaSAM(score_source="grad_norm", temperature=1)`` (exact per-example norms)
 
 Cost: seconds per optimizer step (data indexing included), the median over steps of each run,
 as a ratio to SAM's in the same process (denormals flushed to zero for every method, see main()).
@@ -54,9 +54,9 @@ def build(method, model, rho):
     if method == "SAM":
         return SAM(model.parameters(), torch.optim.SGD, rho=rho, model=model, **kw)
     if method == "dSAM-pert":
-        return DeltaSAM(model.parameters(), torch.optim.SGD, rho=rho, model=model, weighting="perturbation",
+        return DeltaSAM(model.parameters(), torch.optim.SGD, rho=rho, model=model, score_source="perturbation",
                         noise_scale=0.01, n_perturb=1, temperature=1.0, **kw)
-    return DeltaSAM(model.parameters(), torch.optim.SGD, rho=rho, model=model, weighting="grad_norm",
+    return DeltaSAM(model.parameters(), torch.optim.SGD, rho=rho, model=model, score_source="grad_norm",
                     temperature=1.0, **kw)
 
 
