@@ -50,7 +50,7 @@ def test_quick_demo_writes_json_and_png(quick_run):
     assert returned["optimizers"]["msgd"]["final_clean_acc"] == results["optimizers"]["msgd"]["final_clean_acc"]
 
 
-def test_train_one_reproduces_the_demo(quick_run):
+def test_sweep_run_reproduces_the_demo(quick_run):
     """The sweep's per-optimizer run (train() on the demo's configuration, one optimizer alone)
     gives the demo's numbers for the same seed and lr, so the sweep's choice of learning rates
     carries over to the demo."""
