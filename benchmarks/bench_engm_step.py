@@ -1,11 +1,12 @@
 """ENGM step time over a plain SGD-momentum step, and the cost of the engine during attacks.
 
-Every ratio is measured in one process, the two sides interleaved round by round (unpaired
-timings on the 2-core CI machine drift by +-30%, DESIGN.md section 5); the median over rounds
-is reported.
+Every ratio is measured in one process, the two sides interleaved round by round
+(:func:`engm_fast.bench.measure.round_robin_times`: unpaired timings on the 2-core CI machine
+drift by +-30%); the median over rounds is reported.
 
-* step: forward + backward + optimizer step on one batch. Plain: ``loss.mean().backward()``
-  with ``torch.optim.SGD(momentum=0.9)``; ENGM: ``opt.backward(losses)`` with ``engm_fast.ENGM``.
+* step: forward + backward + optimizer step on one batch, the ``sgd`` and ``engm`` methods of
+  :mod:`engm_fast.bench.methods`. Plain: ``loss.mean().backward()`` with
+  ``torch.optim.SGD(momentum=0.9)``; ENGM: ``opt.backward(losses)`` with ``engm_fast.ENGM``.
 * attack: a PGD-10 attack (10 forward + input-gradient passes) on a model with the engine
   attached vs an identical copy without it, twice: ``engm_fast.at.pgd_attack`` (which pauses
   the engine's recording) and a plain PGD loop as third-party attack code writes it (the
@@ -18,99 +19,43 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import platform
 import statistics
-import sys
 import time
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 import engm_fast
 from engm_fast.at import pgd_attack
-
-
-def mlp():
-    return nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
-
-
-def cnn32():
-    return nn.Sequential(
-        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(64 * 8 * 8, 128), nn.ReLU(), nn.Linear(128, 10),
-    )
-
-
-class LNBlock(nn.Module):
-    """Pre-LN MLP block on sequences, mean-pooled classifier."""
-
-    def __init__(self, d=128):
-        super().__init__()
-        self.embed = nn.Linear(32, d)
-        self.norm = nn.LayerNorm(d)
-        self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
-        self.head = nn.Linear(d, 10)
-
-    def forward(self, x):
-        h = self.embed(x)
-        h = h + self.fc2(F.gelu(self.fc1(self.norm(h))))
-        return self.head(h.mean(1))
-
-
-def demo_cnn():
-    from engm_fast.demo import make_model
-    return make_model(seed=0)
-
+from engm_fast.bench.measure import median_ratio, round_robin_times
+from engm_fast.bench.methods import build
+from engm_fast.bench.models import PreLNMLPBlock, cnn32, mlp
+from engm_fast.bench.suite import machine_info
+from engm_fast.models import small_cnn
 
 CASES = {
     "mlp_b256": (mlp, (256, 784)),
-    "demo_cnn_b128_8x8": (demo_cnn, (128, 1, 8, 8)),
+    "demo_cnn_b128_8x8": (small_cnn, (128, 1, 8, 8)),
     "cnn_b64_32x32": (cnn32, (64, 3, 32, 32)),
-    "ln_block_b32_t64": (LNBlock, (32, 64, 32)),
+    "ln_block_b32_t64": (PreLNMLPBlock, (32, 64, 32)),
 }
+LR, MOMENTUM = 1e-3, 0.9
 
 
 def paired_ratio(fn_base, fn_test, rounds, iters):
-    """Median over rounds of time(fn_test) / time(fn_base), alternating which runs first."""
-    for _ in range(2):
-        fn_base(), fn_test()
-    ratios, base_ms, test_ms = [], [], []
-    for r in range(rounds):
-        order = [(fn_base, base_ms), (fn_test, test_ms)]
-        if r % 2:
-            order.reverse()
-        for fn, sink in order:
-            t0 = time.perf_counter()
-            for _ in range(iters):
-                fn()
-            sink.append((time.perf_counter() - t0) / iters * 1e3)
-        ratios.append(test_ms[-1] / base_ms[-1])
-    return statistics.median(ratios), statistics.median(base_ms), statistics.median(test_ms)
+    """``(median ratio test / base, median base ms, median test ms)`` over interleaved rounds."""
+    times = round_robin_times({"base": fn_base, "test": fn_test}, torch.device("cpu"), rounds, iters)
+    return median_ratio(times, "test", "base"), statistics.median(times["base"]), statistics.median(times["test"])
 
 
 def step_case(name, rounds, iters):
     make, shape = CASES[name]
     torch.manual_seed(0)
     base_model = make()
-    plain, eng = copy.deepcopy(base_model), copy.deepcopy(base_model)
-    sgd = torch.optim.SGD(plain.parameters(), lr=1e-3, momentum=0.9)
-    engm = engm_fast.ENGM(eng, lr=1e-3, momentum=0.9)
+    plain = build("sgd", copy.deepcopy(base_model), lr=LR, momentum=MOMENTUM)
+    engm = build("engm", copy.deepcopy(base_model), lr=LR, momentum=MOMENTUM)
     x, y = torch.randn(*shape), torch.randint(0, 10, (shape[0],))
-
-    def plain_step():
-        sgd.zero_grad(set_to_none=True)
-        F.cross_entropy(plain(x), y).backward()
-        sgd.step()
-
-    def engm_step():
-        engm.zero_grad(set_to_none=True)
-        engm.backward(F.cross_entropy(eng(x), y, reduction="none"))
-        engm.step()
-
-    ratio, base, test = paired_ratio(plain_step, engm_step, rounds, iters)
+    ratio, base, test = paired_ratio(lambda: plain.step(x, y), lambda: engm.step(x, y), rounds, iters)
     return {"case": name, "what": "ENGM step / SGD step", "ratio": ratio, "base_ms": base, "engm_ms": test}
 
 
@@ -127,8 +72,8 @@ def third_party_pgd(model, x, y, eps=0.2, alpha=0.05, steps=10):
 
 def attack_cases(rounds, iters):
     rows = []
-    for model_name, make, shape in (("demo_cnn_b128_8x8", demo_cnn, (128, 1, 8, 8)),
-                                    ("cnn_b64_32x32", cnn32, (64, 3, 32, 32))):
+    for model_name in ("demo_cnn_b128_8x8", "cnn_b64_32x32"):
+        make, shape = CASES[model_name]
         torch.manual_seed(0)
         base_model = make()
         plain, eng = copy.deepcopy(base_model), copy.deepcopy(base_model)
@@ -157,10 +102,8 @@ def main(argv=None):
             print(f"{row['case']:<40} {row['what']:<30} {row['ratio']:6.3f}x   "
                   f"({row['base_ms']:.2f} ms -> {row['engm_ms']:.2f} ms)", flush=True)
     if args.out:
-        meta = {"machine": platform.machine(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                "threads": torch.get_num_threads(), "torch": torch.__version__, "python": sys.version.split()[0],
-                "backends": engm_fast.available_backends(), "date": time.strftime("%Y-%m-%d"),
-                "rounds": args.rounds, "iters": args.iters}
+        meta = {**machine_info(torch.device("cpu")), "date": time.strftime("%Y-%m-%d"), "rounds": args.rounds,
+                "iters": args.iters}
         with open(args.out, "w") as f:
             json.dump({"meta": meta, "results": rows}, f, indent=2)
 

@@ -1,7 +1,8 @@
 """Learning-rate sweep for the demo (``engm_fast.demo``): MSGD vs ENGM, several seeds.
 
-Runs the demo's own training loop (:func:`engm_fast.demo.train_one`, nothing duplicated)
-for every (optimizer, learning rate, seed) with the demo's default configuration, prints a
+Runs the one training loop (:func:`engm_fast.at.train.train`, the loop of the demo and of
+experiment E2) on the demo's configuration (:func:`engm_fast.demo.demo_config`) for every
+(optimizer, learning rate, seed), prints a
 table of the robust test accuracy per learning rate (mean and spread over seeds) and writes
 ``benchmarks/results/demo_lr_sweep.json``. The learning rates with the best mean robust
 accuracy are the demo's defaults (see ``docs/demo_lr_sweep.md``).
@@ -26,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -40,10 +40,12 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:
     sys.path.insert(0, _REPO)
 
-from engm_fast.demo import DemoConfig, train_one
+from engm_fast._runtime import environment
+from engm_fast.at.train import train
+from engm_fast import demo
 
 # Log-spaced (1-2-5 series). ENGM's grid sits about 10x higher: its update is a mean of unit
-# vectors (norm <= 1), and DESIGN.md section 5 reports its best lr at ~10x MSGD's on digits.
+# vectors (norm <= 1), so the same step length needs a larger rate.
 DEFAULT_LRS_MSGD = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
 DEFAULT_LRS_ENGM = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 DEFAULT_SEEDS = (0, 1, 2)
@@ -56,9 +58,8 @@ def _init_worker(threads: int) -> None:
 
 def _run(job: dict) -> dict:
     """One training run; a top-level function so worker processes can pickle it."""
-    cfg = DemoConfig(**job["cfg"])
     t0 = time.perf_counter()
-    r = train_one(job["optimizer"], job["lr"], cfg=cfg, seed=job["seed"])
+    r = demo.summarize(train(demo.demo_config(job["optimizer"], job["lr"], seed=job["seed"], epochs=job["epochs"])))
     return {
         "optimizer": job["optimizer"],
         "lr": job["lr"],
@@ -141,19 +142,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--lrs-msgd", type=float, nargs="*", default=list(DEFAULT_LRS_MSGD))
     p.add_argument("--lrs-engm", type=float, nargs="*", default=list(DEFAULT_LRS_ENGM))
     p.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS))
-    p.add_argument("--epochs", type=int, default=None, help="default: the demo's default")
+    p.add_argument("--epochs", type=int, default=demo.DEFAULT_EPOCHS, help="training epochs (the demo's default)")
     p.add_argument("--jobs", type=int, default=1, help="parallel training processes")
     p.add_argument("--out", default=DEFAULT_OUT, help="JSON output path")
     p.add_argument("--append", action="store_true", help="add to the runs already in --out")
     args = p.parse_args(argv)
 
-    cfg = DemoConfig()
-    if args.epochs is not None:
-        cfg = DemoConfig(epochs=args.epochs)
-    cfg_dict = {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}
+    # The configuration every run shares (the demo's; seed, optimizer and lr vary).
+    cfg = demo.demo_config("msgd", epochs=args.epochs).resolved()
+    cfg_dict = {k: v for k, v in json.loads(json.dumps(vars(cfg))).items() if k not in ("optimizer", "lr", "seed")}
     old: dict = {}
     jobs = [
-        {"optimizer": opt, "lr": lr, "seed": seed, "cfg": cfg_dict}
+        {"optimizer": opt, "lr": lr, "seed": seed, "epochs": args.epochs}
         for opt, lrs in (("msgd", args.lrs_msgd), ("engm", args.lrs_engm))
         for lr in lrs
         for seed in args.seeds
@@ -163,14 +163,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.append and os.path.exists(args.out):
         with open(args.out) as f:
             old = json.load(f)
-        if old["config"] != json.loads(json.dumps(cfg_dict)):
+        if old["config"] != cfg_dict:
             raise SystemExit(f"--append: {args.out} was written with another configuration: {old['config']}")
         previous = old["runs"]
         commands = old.get("commands", [])
         done = {(r["optimizer"], r["lr"], r["seed"]) for r in previous}
         jobs = [j for j in jobs if (j["optimizer"], j["lr"], j["seed"]) not in done]
     commands.append("python benchmarks/sweep_demo_lr.py " + " ".join(argv if argv is not None else sys.argv[1:]))
-    print(f"{len(jobs)} runs ({cfg.epochs} epochs each, eps={cfg.eps}, PGD-{cfg.train_attack_steps}), "
+    print(f"{len(jobs)} runs ({cfg.epochs} epochs each, eps={cfg.eps}, PGD-{cfg.train_steps}), "
           f"{args.jobs} process(es)", flush=True)
 
     t0 = time.perf_counter()
@@ -207,8 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "runs": runs,
         "table_markdown": table,
         "wall_time_s": time.perf_counter() - t0 + (old.get("wall_time_s", 0.0) if previous else 0.0),
-        "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(), "jobs": args.jobs,
-                        "python": platform.python_version(), "cpu_count": os.cpu_count()},
+        "environment": {**environment("cpu"), "jobs": args.jobs, "cpu_count": os.cpu_count()},
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:

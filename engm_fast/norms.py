@@ -28,6 +28,12 @@ def per_example_grad_norms(model: nn.Module, losses: torch.Tensor, retain_graph:
     Returns:
         ``[B]`` float32 norms (float64 for a float64 model).
 
+    Raises:
+        TypeError: ``losses`` is not a floating-point tensor.
+        ValueError: ``losses`` is not 1-D, is empty, has no graph to the model, or (with an
+            engine) its length is not the batch the model saw. ``ENGM.backward`` raises the same
+            types for the same inputs.
+
     Example:
         >>> import torch, engm_fast
         >>> model = torch.nn.Linear(3, 1)
@@ -49,8 +55,12 @@ def per_example_grad_norms(model: nn.Module, losses: torch.Tensor, retain_graph:
     params = [p for p in model.parameters() if p.requires_grad]
     acc = accumulation_dtype(losses.dtype)
     out = torch.zeros(losses.shape[0], dtype=acc, device=losses.device)
+    reached = False
     for i in range(losses.shape[0]):
         keep = retain_graph or i + 1 < losses.shape[0]
         grads = torch.autograd.grad(losses[i], params, retain_graph=keep, allow_unused=True)
+        reached = reached or any(g is not None for g in grads)
         out[i] = sum(g.to(acc).pow(2).sum() for g in grads if g is not None) if any(g is not None for g in grads) else 0.0
+    if not reached:  # as the engine: a ValueError, not norms of 0
+        raise ValueError("losses have no graph to the model's trainable parameters (losses from another model?)")
     return out.sqrt()

@@ -1,6 +1,8 @@
 """Bad input gives a clear error (naming shapes, modules, indices) and leaves .grad untouched."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
@@ -350,3 +352,73 @@ def test_parameters_on_several_devices_are_refused():
     with pytest.raises(ValueError, match="several devices"):
         opt.add_param_group({"params": nn.Linear(2, 2, device="meta").parameters()})
     assert len(opt.param_groups) == 1
+
+
+# -- one exception type per kind of bad input, across ENGM.backward and per_example_grad_norms --
+
+BAD_LOSSES = {  # kind: (make(model, x, y), exception type)
+    "not a tensor": (lambda model, x, y: [0.5] * 5, TypeError),
+    "integer tensor": (lambda model, x, y: torch.ones(5, dtype=torch.long), TypeError),
+    "2-D": (lambda model, x, y: F.cross_entropy(model(x), y, reduction="none").unsqueeze(1), ValueError),
+    "0-D (reduced)": (lambda model, x, y: F.cross_entropy(model(x), y), ValueError),
+    "empty": (lambda model, x, y: F.cross_entropy(model(x[:0]), y[:0], reduction="none"), ValueError),
+    "detached": (lambda model, x, y: F.cross_entropy(model(x), y, reduction="none").detach(), ValueError),
+    "another model": (lambda model, x, y: F.cross_entropy(nn.Linear(4, 3).double()(x), y, reduction="none"),
+                      ValueError),
+    "wrong length": (lambda model, x, y: F.cross_entropy(model(x), y, reduction="none")[:3], ValueError),
+}
+
+
+def _norms_with_engine(model, x, y, make):
+    engm_fast.attach(model)
+    return engm_fast.per_example_grad_norms(model, make(model, x, y))
+
+
+def _norms_without_engine(model, x, y, make):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="per_example_grad_norms: no engine")
+        return engm_fast.per_example_grad_norms(model, make(model, x, y))
+
+
+def _engm(**kw):
+    def call(model, x, y, make):
+        opt = engm_fast.ENGM(model, lr=0.1, **kw)
+        return opt.backward(make(model, x, y))
+    return call
+
+
+def _engm_proxy_step(explicit_norms):
+    """ENGM with the input proxy after its calibration step: the proxy path itself."""
+    def call(model, x, y, make):
+        opt = engm_fast.ENGM(model, lr=0.1, norm_source="input_proxy", calibrate_every=100)
+        opt.backward(F.cross_entropy(model(x), y, reduction="none"))
+        assert opt.proxy.fitted
+        opt.zero_grad()
+        norms = torch.ones(5, dtype=torch.float64) if explicit_norms else None
+        return opt.backward(make(model, x, y), input_grad_norms=norms)
+    return call
+
+
+CALLERS = {
+    "per_example_grad_norms": _norms_with_engine,
+    "per_example_grad_norms without engine": _norms_without_engine,
+    "ENGM exact": _engm(),
+    "ENGM input_proxy (calibration step)": _engm(norm_source="input_proxy"),
+    "ENGM input_proxy (proxy step)": _engm_proxy_step(explicit_norms=False),
+    "ENGM input_proxy (proxy step, given norms)": _engm_proxy_step(explicit_norms=True),
+}
+
+
+@pytest.mark.parametrize("caller", list(CALLERS))
+@pytest.mark.parametrize("kind", list(BAD_LOSSES))
+def test_one_exception_type_per_kind_of_bad_losses(kind, caller):
+    if kind == "wrong length" and caller == "per_example_grad_norms without engine":
+        pytest.skip("without an engine nothing records the batch the model saw")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).double()
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    make, expected = BAD_LOSSES[kind]
+    with pytest.raises(Exception) as info:
+        CALLERS[caller](model, x, y, make)
+    assert type(info.value) is expected, f"{caller} on {kind} losses: {type(info.value).__name__}: {info.value}"
+    assert all(p.grad is None for p in model.parameters())

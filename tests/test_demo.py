@@ -6,10 +6,15 @@ import pytest
 pytest.importorskip("sklearn", reason="the demo's data set ships with scikit-learn")
 pytest.importorskip("matplotlib", reason="the demo writes a matplotlib plot")
 
+import torch
+
 from engm_fast import (
     cli,
     demo,
 )
+from engm_fast.at.train import TrainingRun, train
+from engm_fast.data import load_digits
+from engm_fast.models import make_model
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -45,12 +50,12 @@ def test_quick_demo_writes_json_and_png(quick_run):
     assert returned["optimizers"]["msgd"]["final_clean_acc"] == results["optimizers"]["msgd"]["final_clean_acc"]
 
 
-def test_train_one_reproduces_the_demo(quick_run):
-    """The sweep's per-optimizer loop gives the demo's numbers for the same seed and lr, so the
-    sweep's choice of learning rates carries over to the demo."""
+def test_sweep_run_reproduces_the_demo(quick_run):
+    """The sweep's per-optimizer run (train() on the demo's configuration, one optimizer alone)
+    gives the demo's numbers for the same seed and lr, so the sweep's choice of learning rates
+    carries over to the demo."""
     _, results = quick_run
-    cfg = demo.DemoConfig().quick()
-    r = demo.train_one("engm", demo.DEFAULT_LR_ENGM, cfg=cfg, seed=0)
+    r = demo.summarize(train(demo.demo_config("engm", demo.DEFAULT_LR_ENGM, seed=0, quick=True)))
     ref = results["optimizers"]["engm"]
     assert r["history"]["train_loss"] == pytest.approx(ref["history"]["train_loss"], rel=1e-5)
     assert r["history"]["robust_acc_pgd10"] == ref["history"]["robust_acc_pgd10"]
@@ -59,28 +64,41 @@ def test_train_one_reproduces_the_demo(quick_run):
 
 def test_optimizers_start_equal_and_differ_after_training(quick_run):
     _, results = quick_run
+    # Start equal: the demo's two runs get the same data, the same initial weights and the same
+    # first mini-batch order and attack random starts.
+    msgd, engm = (TrainingRun(demo.demo_config(n, seed=0, quick=True)) for n in ("msgd", "engm"))
+    for a, b in ((msgd.x_train, engm.x_train), (msgd.y_train, engm.y_train), (msgd.x_test, engm.x_test)):
+        assert torch.equal(a, b)
+    init = msgd.model.state_dict()
+    assert init.keys() == engm.model.state_dict().keys()
+    assert all(torch.equal(init[k], engm.model.state_dict()[k]) for k in init)
+    assert torch.equal(msgd.shuffle_gen.get_state(), engm.shuffle_gen.get_state())
+    assert torch.equal(msgd.attack_gen.get_state(), engm.attack_gen.get_state())
+    assert type(msgd.opt).__name__ == "SGD" and type(engm.opt).__name__ == "ENGM"
     m, e = results["optimizers"]["msgd"]["history"], results["optimizers"]["engm"]["history"]
-    # Same data, same initial weights, different outer optimizers: different training losses.
+    # Same data, same initial weights, different outer optimizers: different training losses
+    # from the first epoch on.
     assert m["train_loss"] != e["train_loss"]
+    assert m["train_loss"][0] != e["train_loss"][0]
 
 
 def test_data_and_model_shapes():
-    x_tr, _y_tr, x_te, y_te = demo.load_digits_data()
+    x_tr, _y_tr, x_te, y_te, _ = load_digits()
     assert x_tr.shape[1:] == (1, 8, 8) and x_tr.shape[0] + x_te.shape[0] == 1797
     assert 0.0 <= float(x_tr.min()) and float(x_tr.max()) <= 1.0
     # Stratified: every class is in the test set in about its overall proportion.
     counts = y_te.bincount(minlength=10)
     assert counts.min().item() >= 40
     # The split does not depend on the training seed.
-    assert demo.load_digits_data()[3].tolist() == y_te.tolist()
-    model = demo.make_model(seed=0)
+    assert load_digits()[3].tolist() == y_te.tolist()
+    model = make_model("small_cnn", seed=0)
     assert model(x_tr[:3]).shape == (3, 10)
     assert sum(p.numel() for p in model.parameters()) < 100_000
 
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="optimizer"):
-        demo.make_optimizer("adam", demo.make_model(), lr=0.1)
+        demo.demo_config("adam", lr=0.1)
     with pytest.raises(ValueError, match="epochs"):
         demo.run_demo(epochs=0, progress=False)
 

@@ -1,8 +1,8 @@
 """ENGM under DistributedDataParallel: 2 CPU processes (gloo) against single-process ENGM.
 
 One spawn runs every scenario (each process imports torch once): uneven and empty per-rank
-batches, no_sync accumulation, the input proxy, an error on one rank, and DDP's own reducer
-staying idle. The reference is single-process ENGM on the concatenation of the ranks' batches
+batches, no_sync accumulation, the input proxy, an error on one rank, the gradient monitor,
+find_unused_parameters=True, and DDP's own reducer staying idle. The reference is single-process ENGM on the concatenation of the ranks' batches
 (rank order), float64, compared within 1e-10.
 """
 from __future__ import annotations
@@ -181,6 +181,79 @@ def _scenario_grad_scaler(rank):
     assert scaler.get_scale() == 2.0 ** 10
 
 
+def _scenario_monitor_records_global_statistics(rank):
+    """GradientMonitor.observe_engm under DDP: every rank records the statistics of all ranks'
+    examples, equal to a single-process monitor on the concatenated batch (no per-rank mix)."""
+    from engm_fast.at import GradientMonitor
+
+    model, ref = _model(), _model()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = engm_fast.ENGM(ddp, **HP, track_variance=True)
+    ref_opt = engm_fast.ENGM(ref, **HP, track_variance=True)
+    mon, ref_mon = GradientMonitor(), GradientMonitor()
+    for step, sizes in enumerate([(5, 3), (1, 6), (4, 0)]):
+        per_rank = _data(sizes, seed=600 + step)
+        opt.zero_grad()
+        opt.backward(_losses(ddp, per_rank[rank]))
+        assert mon.observe_engm(opt)
+        opt.step()
+        ref_opt.zero_grad()
+        ref_opt.backward(_losses(ref, _cat(per_rank)))
+        assert ref_mon.observe_engm(ref_opt)
+        ref_opt.step()
+        got, want = mon.steps[-1], ref_mon.steps[-1]
+        for key in want:
+            assert got[key] == pytest.approx(want[key], rel=1e-9, abs=1e-12), (step, key)
+    # The same on every rank: gather rank 1's records on rank 0.
+    records = [None] * WORLD
+    dist.all_gather_object(records, mon.end_epoch())
+    assert records[0] == records[1] == mon.history[-1]
+
+
+class _Branchy(nn.Module):
+    """A model whose ``extra`` layer is used only when ``use_extra`` is set, and whose ``unused``
+    layer never is: DDP must be built with find_unused_parameters=True."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(12)
+        self.body = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(27, 4))
+        self.extra = nn.Linear(4, 4)
+        self.unused = nn.Linear(4, 4)
+        self.use_extra = True
+        self.double()
+
+    def forward(self, x):
+        out = self.body(x)
+        return self.extra(out) if self.use_extra else out
+
+
+def _scenario_find_unused_parameters(rank):
+    """DDP(find_unused_parameters=True) with a never-used layer and a layer used every other
+    step: ENGM equals single-process ENGM, the unused layer gets no gradient and does not move,
+    and DDP's reducer never reduces (nor complains about an unfinished reduction)."""
+    model, ref = _Branchy(), _Branchy()
+    ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    calls = []
+    ddp.register_comm_hook(None, _counting_hook(calls))
+    opt, ref_opt = engm_fast.ENGM(ddp, **HP), engm_fast.ENGM(ref, **HP)
+    unused_before = [p.detach().clone() for p in model.unused.parameters()]
+    for step, sizes in enumerate([(4, 3), (2, 5), (3, 3), (5, 1)]):
+        model.use_extra = ref.use_extra = step % 2 == 0
+        per_rank = _data(sizes, seed=700 + step)
+        opt.zero_grad()
+        opt.backward(_losses(ddp, per_rank[rank]))
+        assert all(p.grad is None for p in model.unused.parameters())
+        assert all((p.grad is not None) == model.use_extra for p in model.extra.parameters())
+        opt.step()
+        ref_opt.zero_grad()
+        ref_opt.backward(_losses(ref, _cat(per_rank)))
+        ref_opt.step()
+        _assert_params_equal(model, ref, f"find_unused step {step}")
+    assert all(torch.equal(a, p) for a, p in zip(unused_before, model.unused.parameters()))
+    assert calls == [], "DDP's reducer reduced ENGM's gradients too"
+
+
 def _scenario_static_graph_rejected(rank):
     ddp = nn.parallel.DistributedDataParallel(_model(), static_graph=True)
     with pytest.raises(ValueError, match="static_graph"):
@@ -188,7 +261,8 @@ def _scenario_static_graph_rejected(rank):
 
 
 SCENARIOS = [_scenario_uneven_and_empty, _scenario_no_sync, _scenario_proxy, _scenario_error_on_one_rank,
-             _scenario_grad_scaler, _scenario_static_graph_rejected]
+             _scenario_grad_scaler, _scenario_monitor_records_global_statistics, _scenario_find_unused_parameters,
+             _scenario_static_graph_rejected]
 
 
 def _worker(rank, port):

@@ -249,3 +249,56 @@ def test_input_proxy_computes_input_gradient_when_not_given():
         assert norms.shape == (x.shape[0],) and torch.isfinite(norms).all()
         opt.step()
     assert opt.proxy_stats["calibrations"] == 1 and opt.proxy_stats["n_pairs"] == 6
+
+
+def test_options_after_lr_are_keyword_only():
+    model = make_model()
+    with pytest.raises(TypeError, match="positional"):
+        engm_fast.ENGM(model, 0.1, 0.9)
+    assert engm_fast.ENGM(model, 0.1, momentum=0.9).param_groups[0]["momentum"] == 0.9
+
+
+def test_tensor_lr_as_torch_optim_takes_it():
+    """A 1-element tensor lr gives the same steps as the float (and as torch.optim.SGD), also
+    when a scheduler changes it; other tensors and values are refused as torch.optim does."""
+    base, batches = make_model(), make_batches(4)
+    hp = dict(momentum=0.9, weight_decay=1e-3)
+    with_float, _ = engm_run(base, batches, dict(lr=0.1, **hp))
+    with_tensor, opt = engm_run(base, batches, dict(lr=torch.tensor(0.1, dtype=torch.float64), **hp))
+    assert isinstance(opt.param_groups[0]["lr"], torch.Tensor)
+    for p, q in zip(with_float.parameters(), with_tensor.parameters()):
+        assert torch.equal(p, q)
+    runs = []
+    for lr in (0.2, torch.tensor(0.2, dtype=torch.float64)):
+        model = copy.deepcopy(base)
+        opt = engm_fast.ENGM(model, lr=lr, momentum=0.9)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        for x, y in batches:
+            opt.zero_grad()
+            opt.backward(F.cross_entropy(model(x), y, reduction="none"))
+            opt.step()
+            sched.step()
+        runs.append(model)
+        assert float(opt.param_groups[0]["lr"]) == 0.2 * 0.5 ** len(batches)
+    for p, q in zip(*(m.parameters() for m in runs)):
+        assert torch.equal(p, q)
+    for bad, error in ((torch.tensor([0.1, 0.2]), ValueError), (torch.tensor(-0.1), ValueError),
+                       (-0.1, ValueError), (float("nan"), ValueError), ("0.1", TypeError), (torch.tensor(1), TypeError)):
+        with pytest.raises(error):
+            engm_fast.ENGM(make_model(), lr=bad)
+
+
+def test_input_proxy_hook_is_removed_with_the_engine():
+    model = make_model()
+    before = len(model._forward_pre_hooks)
+    attached = len(engm_fast.attach(model).model._forward_pre_hooks)  # the engine's own hooks
+    opt = engm_fast.ENGM(model, lr=0.1, norm_source="input_proxy")
+    assert len(model._forward_pre_hooks) == attached + 1
+    x, y = make_batches(1)[0]
+    opt.backward(F.cross_entropy(model(x), y, reduction="none"))
+    engm_fast.release(model)
+    assert len(model._forward_pre_hooks) == before and engm_fast.engine_of(model) is None
+    x_seen = []
+    model.register_forward_pre_hook(lambda m, args: x_seen.append(args[0]))
+    model(x)
+    assert x_seen[0] is x  # no longer replaced by a leaf copy that requires grad

@@ -147,3 +147,34 @@ def test_bad_input():
         ktv_penalty(f, k=1, dtype=torch.int64)
     with pytest.raises(TypeError, match="callable"):
         ktv_penalty("net", k=1)
+
+
+def test_input_dimension_from_the_first_linear_layer():
+    """Float bounds and no dim=: d is the first Linear's in_features (the issue's failure was a
+    raw "mat1 and mat2 shapes cannot be multiplied (4000x1 and 4x4)")."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)).double()
+    inferred = ktv_penalty(net, k=2, domain=(0.0, 1.0), n_points=64, generator=torch.Generator().manual_seed(1))
+    explicit = ktv_penalty(net, k=2, domain=(0.0, 1.0), n_points=64, dim=4, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(inferred, explicit) and float(inferred.detach()) > 0
+
+
+def test_a_model_that_rejects_the_points_gets_an_error_naming_dim():
+    class HeadFirst(torch.nn.Module):  # its first registered Linear is not the one that reads x
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Linear(4, 1)
+            self.body = torch.nn.Linear(3, 4)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.body(x)))
+
+    with pytest.raises(ValueError, match=r"\[16, 4\].*first layer 'head'.*pass dim="):
+        ktv_penalty(HeadFirst(), k=1, n_points=16)
+    assert ktv_penalty(HeadFirst(), k=1, n_points=16, dim=3).shape == ()
+    w = torch.ones(1, 3)
+    with pytest.raises(ValueError, match=r"\[8, 1\].*default d = 1.*pass dim="):
+        ktv_penalty(lambda x: torch.nn.functional.linear(x, w), k=1, n_points=8)
+    with pytest.raises(ValueError, match=r"\[8, 2\].*length of the domain bounds.*mat1 and mat2"):
+        ktv_penalty(lambda x: torch.nn.functional.linear(x, w), k=1, n_points=8,
+                    domain=(torch.zeros(2), torch.ones(2)))

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from engm_fast.optim import SAM, DeltaSAM, frozen_bn_stats, instance_weights
+from engm_fast.optim import SAM, DeltaSAM, frozen_bn_stats, softmax_example_weights
 
 TOL = dict(rtol=1e-10, atol=1e-12)
 
@@ -243,18 +243,18 @@ def _ascent_by_hand(w, xs, ys, p, rho):
     return [w[j] + rho * gw[j] / n for j in range(2)]
 
 
-@pytest.mark.parametrize("weighting", ["grad_norm", "perturbation"])
-def test_delta_sam_weights_by_hand(weighting):
+@pytest.mark.parametrize("score_source", ["grad_norm", "perturbation"])
+def test_delta_sam_weights_by_hand(score_source):
     w, xs, ys = _hand_case()
     model = _linear_model(w)
     x, y = torch.tensor(xs, dtype=torch.float64), torch.tensor(ys, dtype=torch.float64)
     closure = lambda: (model(x).squeeze(1) - y) ** 2
     T, rho, sigma = 0.7, 0.2, 0.3
     gen = torch.Generator().manual_seed(11)
-    opt = DeltaSAM(model.parameters(), torch.optim.SGD, rho=rho, lr=0.1, model=model, weighting=weighting,
+    opt = DeltaSAM(model.parameters(), torch.optim.SGD, rho=rho, lr=0.1, model=model, score_source=score_source,
                    temperature=T, noise_scale=sigma, n_perturb=2, generator=gen)
     r = [w[0] * a[0] + w[1] * a[1] - b for a, b in zip(xs, ys)]
-    if weighting == "grad_norm":
+    if score_source == "grad_norm":
         scores = [abs(2 * ri) * math.hypot(*a) for ri, a in zip(r, xs)]
     else:
         draws = torch.Generator().manual_seed(11)
@@ -265,7 +265,7 @@ def test_delta_sam_weights_by_hand(weighting):
             pert = [((w[0] + sigma * d[0]) * a[0] + (w[1] + sigma * d[1]) * a[1] - b) ** 2 for d in deltas]
             scores.append(sum(v - base for v in pert) / 2)
     p = _softmax_standardized(scores, T)
-    weights = opt.first_step(closure(), closure)
+    weights = opt.first_step(losses=closure(), closure=closure)
     torch.testing.assert_close(opt.last_scores, torch.tensor(scores, dtype=torch.float64), **TOL)
     torch.testing.assert_close(weights, torch.tensor(p, dtype=torch.float64), **TOL)
     torch.testing.assert_close(model.weight.detach()[0], torch.tensor(_ascent_by_hand(w, xs, ys, p, rho),
@@ -277,7 +277,7 @@ def test_delta_sam_full_step_matches_reference():
     model = _linear_model(w)
     x, y = torch.tensor(xs, dtype=torch.float64), torch.tensor(ys, dtype=torch.float64)
     closure = lambda: (model(x).squeeze(1) - y) ** 2
-    opt = DeltaSAM(model.parameters(), torch.optim.SGD, rho=0.2, lr=0.1, model=model, weighting="grad_norm")
+    opt = DeltaSAM(model.parameters(), torch.optim.SGD, rho=0.2, lr=0.1, model=model, score_source="grad_norm")
     r = [w[0] * a[0] + w[1] * a[1] - b for a, b in zip(xs, ys)]
     p = _softmax_standardized([abs(2 * ri) * math.hypot(*a) for ri, a in zip(r, xs)], 1.0)
     we = _ascent_by_hand(w, xs, ys, p, 0.2)
@@ -289,16 +289,16 @@ def test_delta_sam_full_step_matches_reference():
                                                                         dtype=torch.float64), **TOL)
 
 
-def test_instance_weights_limits():
+def test_softmax_example_weights_limits():
     s = torch.tensor([1.0, 3.0, 2.0], dtype=torch.float64)
-    torch.testing.assert_close(instance_weights(torch.full((4,), 2.5)), torch.full((4,), 0.25))
-    hot = instance_weights(s, temperature=1e-3)
+    torch.testing.assert_close(softmax_example_weights(torch.full((4,), 2.5)), torch.full((4,), 0.25))
+    hot = softmax_example_weights(s, temperature=1e-3)
     assert int(hot.argmax()) == 1 and float(hot.max()) > 1 - 1e-9
-    torch.testing.assert_close(instance_weights(s, temperature=1e9), torch.full((3,), 1 / 3, dtype=torch.float64))
+    torch.testing.assert_close(softmax_example_weights(s, temperature=1e9), torch.full((3,), 1 / 3, dtype=torch.float64))
     with pytest.raises(ValueError, match="temperature"):
-        instance_weights(s, temperature=0.0)
+        softmax_example_weights(s, temperature=0.0)
     with pytest.raises(ValueError, match="1-D"):
-        instance_weights(s.reshape(3, 1))
+        softmax_example_weights(s.reshape(3, 1))
 
 
 def test_delta_sam_bn_stats_once_and_errors():
@@ -311,12 +311,77 @@ def test_delta_sam_bn_stats_once_and_errors():
     assert int(model[1].num_batches_tracked) == 1
     torch.testing.assert_close(model[1].running_mean, expected[1].running_mean, **TOL)
     with pytest.raises(ValueError, match="needs model"):
-        DeltaSAM(model.parameters(), torch.optim.SGD, lr=0.1, weighting="grad_norm")
-    with pytest.raises(ValueError, match="weighting"):
-        DeltaSAM(model.parameters(), torch.optim.SGD, lr=0.1, weighting="loss")
+        DeltaSAM(model.parameters(), torch.optim.SGD, lr=0.1, score_source="grad_norm")
+    with pytest.raises(ValueError, match="score_source"):
+        DeltaSAM(model.parameters(), torch.optim.SGD, lr=0.1, score_source="loss")
     with pytest.raises(ValueError, match="noise_scale"):
         DeltaSAM(model.parameters(), torch.optim.SGD, lr=0.1, noise_scale=-1.0)
     with pytest.raises(ValueError, match="needs the closure"):
-        opt.first_step(F.cross_entropy(model(x), y, reduction="none"))
+        opt.first_step(losses=F.cross_entropy(model(x), y, reduction="none"))
     with pytest.raises(ValueError, match="per-example"):
-        opt.first_step(F.cross_entropy(model(x), y))
+        opt.first_step(losses=F.cross_entropy(model(x), y))
+
+
+def test_delta_sam_first_step_takes_sams_call():
+    """first_step(zero_grad) as SAM declares it: the same parameter first; the per-example losses
+    are keyword arguments, and without them the error says what delta-SAM needs."""
+    import inspect
+
+    sam, dsam = inspect.signature(SAM.first_step), inspect.signature(DeltaSAM.first_step)
+    assert list(dsam.parameters)[:2] == list(sam.parameters) == ["self", "zero_grad"]
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for n, p in dsam.parameters.items() if n not in sam.parameters)
+    model = _mlp()
+    x, y = _data()
+    opt = DeltaSAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, model=model, score_source="grad_norm")
+    F.cross_entropy(model(x), y).backward()
+    w0 = [p.detach().clone() for p in model.parameters()]
+    for call in (lambda: opt.first_step(), lambda: opt.first_step(zero_grad=True), lambda: opt.first_step(True)):
+        with pytest.raises(ValueError, match="needs losses="):
+            call()
+    with pytest.raises(TypeError, match="losses="):
+        opt.first_step(F.cross_entropy(model(x), y, reduction="none"))  # the old positional losses
+    assert all(torch.equal(a, p) for a, p in zip(w0, model.parameters()))
+    losses = F.cross_entropy(model(x), y, reduction="none")
+    weights = opt.first_step(True, losses=losses)  # SAM's explicit protocol with delta-SAM's ascent
+    assert all(p.grad is None for p in model.parameters())
+    F.cross_entropy(model(x), y).backward()
+    opt.second_step()
+    assert weights.shape == (7,) and not all(torch.equal(a, p) for a, p in zip(w0, model.parameters()))
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_delta_sam_resume_equals_the_straight_run(tmp_path, k):
+    """The perturbation generator is in state_dict: k steps, save, fresh objects, load, N - k
+    steps equals N steps in one go, bit for bit."""
+    n_steps = 4
+    x, y = _data(9)
+
+    def build():
+        torch.manual_seed(3)
+        model = _mlp()
+        opt = DeltaSAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9, model=model,
+                       score_source="perturbation", n_perturb=2, generator=torch.Generator().manual_seed(5))
+        return model, opt
+
+    def steps(model, opt, n):
+        for _ in range(n):
+            opt.step(lambda: F.cross_entropy(model(x), y, reduction="none"))
+
+    straight, s_opt = build()
+    steps(straight, s_opt, n_steps)
+    first, f_opt = build()
+    steps(first, f_opt, k)
+    torch.save({"model": first.state_dict(), "opt": f_opt.state_dict()}, tmp_path / "ck.pt")
+    resumed, r_opt = build()  # its generator starts from seed 5 again: only the saved state makes it right
+    ck = torch.load(tmp_path / "ck.pt")
+    resumed.load_state_dict(ck["model"])
+    r_opt.load_state_dict(ck["opt"])
+    steps(resumed, r_opt, n_steps - k)
+    for a, b in zip(resumed.parameters(), straight.parameters()):
+        assert torch.equal(a, b)
+    assert torch.equal(r_opt.last_scores, s_opt.last_scores)
+    # A state with a generator does not load into a DeltaSAM without one (the draws could not resume).
+    model = _mlp()
+    plain = DeltaSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, model=model)
+    with pytest.raises(ValueError, match="generator"):
+        plain.load_state_dict(ck["opt"])

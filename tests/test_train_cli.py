@@ -5,7 +5,9 @@ import os
 import pytest
 import torch
 
-from engm_fast.at.train import TrainConfig, train
+from engm_fast.at.evaluation import EVAL_ATTACKS, EvalAttack, apgd_available, register_eval_attack
+from engm_fast.at.train import TrainConfig, TrainingRun, lr_milestones, train, train_together
+from engm_fast.data import dataset_spec
 from engm_fast.cli import build_parser, main
 from engm_fast.models import make_model
 
@@ -35,13 +37,13 @@ def test_train_command_writes_log_checkpoint_plots(tmp_path):
     assert ck["epoch"] == 1 and ck["te"]["table"].shape == (96, 10) and float(ck["te"]["table"].sum()) > 0
     with open(os.path.join(out, "results.json")) as f:
         res = json.load(f)
-    assert res["final"]["pgd_steps"] == 2 and res["apgd"] == "off"
+    assert res["final"]["pgd_steps"] == 2 and list(res["final_attacks"]) == ["pgd-2"]  # --no-apgd: APGD off
 
 
 def test_msgd_monitor_path_equals_plain_msgd():
     """MSGD through the engine (monitor on) takes the same steps as plain loss.mean().backward()."""
     kw = dict(epochs=1, train_subset=64, test_subset=16, eval_train_subset=None, train_steps=2, eval_steps=1,
-              progress=False, plots=False, apgd=False, out=None, method="mart")
+              progress=False, plots=False, final_attacks=("pgd-1",), out=None, method="mart")
     a = train(TrainConfig(monitor=True, **kw))
     b = train(TrainConfig(monitor=False, **kw))
     assert a["history"][0]["train_loss"] == pytest.approx(b["history"][0]["train_loss"], rel=1e-5)
@@ -50,9 +52,9 @@ def test_msgd_monitor_path_equals_plain_msgd():
 
 
 def test_proxy_and_random_labels_run():
-    res = train(TrainConfig(optimizer="engm-proxy", random_labels=True, epochs=1, train_subset=128, test_subset=16,
+    res = train(TrainConfig(optimizer="engm_proxy", random_labels=True, epochs=1, train_subset=128, test_subset=16,
                             eval_train_subset=32, train_steps=2, eval_steps=1, progress=False, plots=False,
-                            apgd=False, out=None, calibrate_every=2))
+                            final_attacks=("pgd-1",), out=None, calibrate_every=2))
     rec = res["history"][0]
     assert res["config"]["weight_decay"] == 0.0  # the memorization paper's random-label setting
     assert rec["proxy_fit"]["calibrations"] == 1  # 2 steps: step 0 calibrates, step 1 uses the fit
@@ -60,8 +62,8 @@ def test_proxy_and_random_labels_run():
 
 
 def test_parser_and_errors():
-    a = build_parser().parse_args(["train", "--optimizer", "engm-proxy", "--random-labels", "--epochs", "3"])
-    assert a.optimizer == "engm-proxy" and a.random_labels and a.epochs == 3
+    a = build_parser().parse_args(["train", "--optimizer", "engm_proxy", "--random-labels", "--epochs", "3"])
+    assert a.optimizer == "engm_proxy" and a.random_labels and a.epochs == 3
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--method", "fgsm"])
     with pytest.raises(ValueError, match="needs data_dir"):
@@ -72,8 +74,8 @@ def test_parser_and_errors():
 
 def test_eval_every_skips_epochs_but_evaluates_the_last():
     res = train(TrainConfig(epochs=3, eval_every=2, train_subset=64, test_subset=16, eval_train_subset=16,
-                            train_steps=1, eval_steps=1, progress=False, plots=False, apgd=False, out=None,
-                            monitor=False))
+                            train_steps=1, eval_steps=1, progress=False, plots=False, final_attacks=("pgd-1",),
+                            out=None, monitor=False))
     robust = [h["test_robust_acc_pgd1"] for h in res["history"]]
     assert robust[0] is None and robust[1] is not None and robust[2] is not None
     assert res["best_epoch"] in (2, 3)
@@ -81,7 +83,7 @@ def test_eval_every_skips_epochs_but_evaluates_the_last():
 
 
 def _timeless(history):
-    drop = ("update_ms", "batch_ms", "train_time_s")
+    drop = ("step_ms", "update_ms", "batch_ms", "train_time_s")
     return [{k: v for k, v in rec.items() if k not in drop} for rec in history]
 
 
@@ -91,9 +93,9 @@ def test_resume_continues_bit_for_bit(tmp_path, monkeypatch):
     TRADES + TE + ENGM-proxy with augmentation, so every generator and state is exercised."""
     import engm_fast.at.train as train_mod
 
-    kw = dict(method="trades", optimizer="engm-proxy", te=True, augment=True, train_subset=64, test_subset=16,
+    kw = dict(method="trades", optimizer="engm_proxy", te=True, augment=True, train_subset=64, test_subset=16,
               eval_train_subset=16, train_steps=2, eval_steps=1, calibrate_every=3, progress=False, plots=False,
-              apgd=False, epochs=3)
+              final_attacks=("pgd-1",), epochs=3)
     straight = train(TrainConfig(out=str(tmp_path / "straight"), **kw))
 
     # The "interrupted" run: the same run, with epoch 2's checkpoint_last.pt copied aside.
@@ -122,7 +124,7 @@ def test_resume_continues_bit_for_bit(tmp_path, monkeypatch):
 
 def test_resume_refuses_other_settings(tmp_path):
     kw = dict(train_subset=32, test_subset=8, eval_train_subset=None, train_steps=1, eval_steps=1, progress=False,
-              plots=False, apgd=False, epochs=2)
+              plots=False, final_attacks=("pgd-1",), epochs=2)
     out = str(tmp_path / "run")
     train(TrainConfig(out=out, **kw))
     ck = os.path.join(out, "checkpoint_last.pt")
@@ -132,3 +134,80 @@ def test_resume_refuses_other_settings(tmp_path):
               str(tmp_path / "again"), "--resume", ck])
     with pytest.raises(ValueError, match="lr"):
         train(TrainConfig(out=str(tmp_path / "again"), resume=ck, **dict(kw, epochs=2, lr=0.5)))
+
+
+_SMALL = dict(epochs=2, train_subset=48, test_subset=16, eval_train_subset=16, train_steps=1, eval_steps=1,
+              final_attacks=("pgd-2",), progress=False, plots=False, out=None)
+
+
+def test_train_together_equals_separate_runs():
+    """Interleaving runs epoch by epoch (the demo) changes nothing in any run's numbers."""
+    cfgs = [TrainConfig(optimizer=o, **_SMALL) for o in ("msgd", "engm", "engm_proxy")]
+    seen = []
+    together = train_together(cfgs, on_epoch=lambda recs: seen.append([r["epoch"] for r in recs]))
+    assert seen == [[1, 1, 1], [2, 2, 2]]
+    for cfg, a in zip(cfgs, together):
+        b = train(cfg)
+        assert _timeless(a["history"]) == _timeless(b["history"]) and a["final"] == b["final"]
+        assert a["config"]["optimizer"] == cfg.optimizer and a["timing"]["n_steps"] == 2  # 48 examples: one batch of 64 per epoch
+
+
+def test_training_run_pieces():
+    run = TrainingRun(TrainConfig(optimizer="engm", **_SMALL))
+    assert run.epoch == 0 and not run.done and run.milestones == lr_milestones(2, (0.5, 0.75)) == [1, 2]
+    rec = run.run_epoch()
+    assert rec["epoch"] == run.epoch == 1 and rec["engm_norm_mean"] > 0
+    assert rec["step_ms"] >= rec["update_ms"] > 0 and rec["batch_ms"] >= rec["step_ms"]
+    assert run.evaluate()["test_robust_acc_pgd1"] == rec["test_robust_acc_pgd1"]  # same seed, same weights
+    run.run_epoch()
+    assert run.done
+    with pytest.raises(RuntimeError, match="run is over"):
+        run.run_epoch()
+    res = run.finish()
+    assert res["final"]["pgd_steps"] == 2 and res["best_epoch"] in (1, 2)
+
+
+def test_final_attacks_are_checked():
+    assert TrainConfig(final_attacks=("pgd-5",)).resolved().final_attacks == ("pgd-5",)
+    default = TrainConfig(eval_steps=7).resolved().final_attacks
+    assert default[0] == "pgd-7" and default[1:] == (("apgd-ce",) if apgd_available() else ())
+    with pytest.raises(ValueError, match="unknown attack spec 'fgsm'"):
+        TrainConfig(final_attacks=("fgsm",)).resolved()
+    with pytest.raises(ValueError, match="STEPS >= 1"):
+        TrainConfig(final_attacks=("pgd-0",)).resolved()
+    with pytest.raises(ValueError, match="same attack"):
+        TrainConfig(final_attacks=("pgd-10", "pgd-20")).resolved()
+    with pytest.raises(TypeError, match="sequence of attack specs"):
+        TrainConfig(final_attacks="pgd-20").resolved()
+    missing = EvalAttack("absent", "Absent", "absent", 1, lambda *a: None, requires="engm_fast_no_such_module",
+                         install="pip install engm-fast-no-such-module")
+    register_eval_attack(missing)
+    try:
+        with pytest.raises(ValueError, match="pip install engm-fast-no-such-module"):
+            TrainConfig(final_attacks=("pgd-2", "absent")).resolved()
+        with pytest.raises(ValueError, match="already registered"):
+            register_eval_attack(missing)
+        res = train(TrainConfig(epochs=1, **{k: v for k, v in _SMALL.items() if k != "epochs"}))
+        assert "absent" in res["unavailable_attacks"]  # said in the results, not dropped silently
+    finally:
+        del EVAL_ATTACKS["absent"]
+
+
+def test_apgd_final_attack():
+    pytest.importorskip("torchattacks", reason="APGD-CE comes from torchattacks")
+    res = train(TrainConfig(**dict(_SMALL, epochs=1, final_attacks=("pgd-2", "apgd-ce-3"))))
+    fin = res["final"]
+    assert fin["apgd_steps"] == 3 and 0 <= fin["robust_acc_apgd"] <= fin["clean_acc"]
+    assert list(res["final_attacks"]) == ["pgd-2", "apgd-ce-3"]
+
+
+def test_dataset_registry_defaults_reach_the_config():
+    spec = dataset_spec("digits")
+    c = TrainConfig(optimizer="engm_proxy").resolved()
+    assert (c.model, c.batch_size, c.eps, c.train_steps, c.alpha, c.lr, c.augment) == (
+        spec.model, spec.batch_size, spec.eps, spec.attack_steps, spec.attack_alpha, spec.lr["engm_proxy"], False)
+    assert TrainConfig(dataset="cifar10", data_dir="x").resolved().augment is True
+    with pytest.raises(ValueError, match="dataset must be one of"):
+        TrainConfig(dataset="mnist").resolved()
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        TrainConfig(optimizer="engm-proxy").resolved()  # one spelling: engm_proxy

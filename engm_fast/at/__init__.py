@@ -5,7 +5,9 @@
   vectors (plug into ``ENGM.backward``); :func:`adversarial_losses` does attack + loss of a method.
 * :class:`TemporalEnsembling`, :func:`te_penalty`, :func:`sigmoid_rampup`: Dong et al.'s TE.
 * :class:`GradientMonitor`: gradient norm / variance statistics per step and epoch.
-* ``engm_fast.at.train``: the ``engm-fast train`` command (imported on demand).
+* ``engm_fast.at.train``: the training loop and the ``engm-fast train`` command, with
+  ``engm_fast.at.evaluation`` (robust accuracy, the final attacks) and ``engm_fast.at.plots``
+  (imported on demand).
 
 Example::
 
@@ -20,10 +22,12 @@ from engm_fast.at.attacks import PGD_NORMS, pgd_attack
 from engm_fast.at.losses import (
     AT_METHODS,
     ATBatch,
+    adversarial_examples,
     adversarial_losses,
     cross_entropy_losses,
     kl_per_example,
     mart_losses,
+    outer_losses,
     pgd_at_losses,
     trades_attack,
     trades_losses,
@@ -44,10 +48,12 @@ __all__ = [
     "ATBatch",
     "GradientMonitor",
     "TemporalEnsembling",
+    "adversarial_examples",
     "adversarial_losses",
     "cross_entropy_losses",
     "kl_per_example",
     "mart_losses",
+    "outer_losses",
     "pgd_at_losses",
     "pgd_attack",
     "sigmoid_rampup",

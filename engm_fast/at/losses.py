@@ -10,7 +10,8 @@ batch mean is the authors' scalar loss:
   where ``BCE = CE(f(x'), y) - log(1.0001 - p_{y'}(x'))`` and ``y'`` is the most likely wrong
   class; ``x'`` from PGD on CE. The constants 1.0001, 1e-12 and 1.0000001 are theirs.
 
-:func:`adversarial_losses` runs the attack and the loss of one method for one mini-batch,
+:func:`adversarial_losses` runs the attack (:func:`adversarial_examples`) and the loss
+(:func:`outer_losses`) of one method for one mini-batch,
 optionally with the temporal-ensembling term (:mod:`engm_fast.at.temporal_ensembling`) in both
 the attack objective and the loss, exactly where the TE paper's code puts it.
 
@@ -47,10 +48,12 @@ from .temporal_ensembling import te_penalty
 __all__ = [
     "AT_METHODS",
     "ATBatch",
+    "adversarial_examples",
     "adversarial_losses",
     "cross_entropy_losses",
     "kl_per_example",
     "mart_losses",
+    "outer_losses",
     "pgd_at_losses",
     "trades_attack",
     "trades_losses",
@@ -229,6 +232,91 @@ class ATBatch:
     input_grad_norms: torch.Tensor | None = None
 
 
+def _te_term(te_target: torch.Tensor | None, te_weight: float):
+    if te_target is None:
+        return None
+    if not math.isfinite(te_weight) or te_weight < 0:
+        raise ValueError(f"adversarial_losses: te_weight must be a finite number >= 0, got {te_weight!r}")
+    return lambda logits: te_weight * te_penalty(logits, te_target)
+
+
+def adversarial_examples(model: nn.Module, x: torch.Tensor, y: torch.Tensor, method: str = "pgd",
+                         eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 10, norm: str = "linf",
+                         beta: float = 6.0, te_target: torch.Tensor | None = None, te_weight: float = 0.0,
+                         attack_eval_mode: bool = True, return_input_grad_norms: bool = False,
+                         clamp: tuple[float, float] | None = (0.0, 1.0),
+                         generator: torch.Generator | None = None):
+    """The attack half of :func:`adversarial_losses`: ``x_adv`` (or ``(x_adv, input-gradient norms)``).
+
+    Example::
+
+        >>> model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+        >>> x, y = torch.rand(4, 1, 8, 8), torch.randint(0, 10, (4,))
+        >>> x_adv = adversarial_examples(model, x, y, "pgd", eps=0.1, alpha=0.03, steps=3)
+        >>> bool((x_adv - x).abs().max() <= 0.1 + 1e-6)
+        True
+    """
+    if method not in AT_METHODS:
+        raise ValueError(f"adversarial_losses: unknown method {method!r}; expected one of {AT_METHODS}")
+    _check_beta(beta)
+    te_term = _te_term(te_target, te_weight)
+    was_training = model.training
+    if attack_eval_mode:
+        model.eval()
+    try:
+        if method == "trades":
+            with torch.no_grad():
+                clean_for_attack = model(x)
+            return trades_attack(model, x, eps, alpha, steps, norm, clean_logits=clean_for_attack, beta=beta,
+                                 extra=te_term, clamp=clamp, return_input_grad_norms=return_input_grad_norms,
+                                 generator=generator)
+        loss_fn = None
+        if te_term is not None:
+            loss_fn = lambda out, target: cross_entropy_losses(out, target) + te_term(out)
+        return pgd_attack(model, x, y, eps=eps, alpha=alpha, steps=steps, norm=norm, random_start=True,
+                          loss_fn=loss_fn, clamp=clamp, return_input_grad_norms=return_input_grad_norms,
+                          generator=generator)
+    finally:
+        model.train(was_training)
+
+
+def outer_losses(model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor, method: str = "pgd",
+                 beta: float = 6.0, te_target: torch.Tensor | None = None,
+                 te_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss half of :func:`adversarial_losses`: ``(per-example losses [B], logits on x_adv)``,
+    both with their graph (the training forward).
+
+    Example::
+
+        >>> model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+        >>> x = torch.rand(2, 4)
+        >>> losses, logits = outer_losses(model, x, x, torch.tensor([0, 2]), "trades")
+        >>> losses.shape, logits.shape
+        (torch.Size([2]), torch.Size([2, 3]))
+    """
+    if method not in AT_METHODS:
+        raise ValueError(f"adversarial_losses: unknown method {method!r}; expected one of {AT_METHODS}")
+    te_term = _te_term(te_target, te_weight)
+    if method == "pgd":
+        logits_adv = model(x_adv)
+        losses = pgd_at_losses(logits_adv, y)
+        if te_term is not None:
+            losses = losses + te_term(logits_adv)
+    elif method == "trades":
+        logits_clean = model(x)
+        logits_adv = model(x_adv)
+        losses = trades_losses(logits_clean, logits_adv, y, beta)
+        if te_term is not None:
+            losses = losses + te_term(logits_clean)
+    else:
+        logits_clean = model(x)
+        logits_adv = model(x_adv)
+        losses = mart_losses(logits_clean, logits_adv, y, beta)
+        if te_term is not None:
+            losses = losses + te_term(logits_adv)
+    return losses, logits_adv
+
+
 def adversarial_losses(model: nn.Module, x: torch.Tensor, y: torch.Tensor, method: str = "pgd",
                        eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 10, norm: str = "linf",
                        beta: float = 6.0, te_target: torch.Tensor | None = None, te_weight: float = 0.0,
@@ -259,51 +347,8 @@ def adversarial_losses(model: nn.Module, x: torch.Tensor, y: torch.Tensor, metho
         >>> out.losses.shape, out.input_grad_norms.shape
         (torch.Size([4]), torch.Size([4]))
     """
-    if method not in AT_METHODS:
-        raise ValueError(f"adversarial_losses: unknown method {method!r}; expected one of {AT_METHODS}")
-    _check_beta(beta)
-    if te_target is not None and (not math.isfinite(te_weight) or te_weight < 0):
-        raise ValueError(f"adversarial_losses: te_weight must be a finite number >= 0, got {te_weight!r}")
-    use_te = te_target is not None
-    te_term = (lambda logits: te_weight * te_penalty(logits, te_target)) if use_te else None
-
-    was_training = model.training
-    if attack_eval_mode:
-        model.eval()
-    try:
-        if method == "trades":
-            with torch.no_grad():
-                clean_for_attack = model(x)
-            attack = trades_attack(model, x, eps, alpha, steps, norm, clean_logits=clean_for_attack,
-                                   beta=beta, extra=te_term, clamp=clamp,
-                                   return_input_grad_norms=return_input_grad_norms, generator=generator)
-        else:
-            if use_te:
-                loss_fn = lambda out, target: cross_entropy_losses(out, target) + te_term(out)
-            else:
-                loss_fn = None
-            attack = pgd_attack(model, x, y, eps=eps, alpha=alpha, steps=steps, norm=norm, random_start=True,
-                                loss_fn=loss_fn, clamp=clamp, return_input_grad_norms=return_input_grad_norms,
-                                generator=generator)
-    finally:
-        model.train(was_training)
+    attack = adversarial_examples(model, x, y, method, eps, alpha, steps, norm, beta, te_target, te_weight,
+                                  attack_eval_mode, return_input_grad_norms, clamp, generator)
     x_adv, grad_norms = attack if return_input_grad_norms else (attack, None)
-
-    if method == "pgd":
-        logits_adv = model(x_adv)
-        losses = pgd_at_losses(logits_adv, y)
-        if use_te:
-            losses = losses + te_term(logits_adv)
-    elif method == "trades":
-        logits_clean = model(x)
-        logits_adv = model(x_adv)
-        losses = trades_losses(logits_clean, logits_adv, y, beta)
-        if use_te:
-            losses = losses + te_term(logits_clean)
-    else:
-        logits_clean = model(x)
-        logits_adv = model(x_adv)
-        losses = mart_losses(logits_clean, logits_adv, y, beta)
-        if use_te:
-            losses = losses + te_term(logits_adv)
+    losses, logits_adv = outer_losses(model, x, x_adv, y, method, beta, te_target, te_weight)
     return ATBatch(losses=losses, x_adv=x_adv, logits_adv=logits_adv, input_grad_norms=grad_norms)

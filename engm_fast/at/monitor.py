@@ -16,7 +16,8 @@ aggregates the steps of an epoch (means over steps, the max of ``norm_max``).
 Three ways to feed it: :meth:`observe` (norms and ``||gbar||^2`` you computed),
 :meth:`observe_grads` (an engine result; returns ``gbar`` so an MSGD loop can use it as its
 gradient, one backward for both), :meth:`observe_engm` (an ``ENGM`` built with
-``track_variance=True``, after ``opt.backward``).
+``track_variance=True``, after ``opt.backward``; under DistributedDataParallel its statistics
+are over all ranks' examples).
 
 Example::
 
@@ -67,17 +68,21 @@ class GradientMonitor:
         if not isinstance(norms, torch.Tensor) or norms.dim() != 1 or norms.numel() == 0:
             raise ValueError(f"GradientMonitor.observe: norms must be a non-empty [B] tensor, got "
                              f"{tuple(norms.shape) if isinstance(norms, torch.Tensor) else type(norms).__name__}")
-        mean_grad_sqnorm = float(mean_grad_sqnorm)
-        if not math.isfinite(mean_grad_sqnorm) or mean_grad_sqnorm < -1e-6 * (1.0 + float(norms.double().pow(2).mean())):
-            raise ValueError(f"GradientMonitor.observe: mean_grad_sqnorm must be finite and >= 0, got {mean_grad_sqnorm!r}")
         n = norms.detach().double()
+        self._record(mean_grad_sqnorm, float(n.mean()), float(n.max()), float(n.pow(2).mean()))
+
+    def _record(self, mean_grad_sqnorm: float, norm_mean: float, norm_max: float, mean_sqnorm: float) -> None:
+        """One step from ``||gbar||^2`` and the mean, max and mean square of the ``||g_i||``."""
+        mean_grad_sqnorm = float(mean_grad_sqnorm)
+        if not math.isfinite(mean_grad_sqnorm) or mean_grad_sqnorm < -1e-6 * (1.0 + mean_sqnorm):
+            raise ValueError(f"GradientMonitor.observe: mean_grad_sqnorm must be finite and >= 0, got {mean_grad_sqnorm!r}")
         mean_grad_sqnorm = max(mean_grad_sqnorm, 0.0)  # rounding of a difference may dip below 0
         self.steps.append({
             "grad_norm": math.sqrt(mean_grad_sqnorm),
             "grad_sqnorm": mean_grad_sqnorm,
-            "norm_mean": float(n.mean()),
-            "norm_max": float(n.max()),
-            "variance": float(n.pow(2).mean()) - mean_grad_sqnorm,
+            "norm_mean": norm_mean,
+            "norm_max": norm_max,
+            "variance": mean_sqnorm - mean_grad_sqnorm,
         })
 
     def observe_grads(self, grads) -> dict:
@@ -94,25 +99,23 @@ class GradientMonitor:
         self.observe(norms, sq)
         return mean
 
-    def observe_engm(self, opt, norms: torch.Tensor) -> bool:
-        """Records a step of an ENGM optimizer (``track_variance=True``) from ``opt.backward``'s norms.
+    def observe_engm(self, opt) -> bool:
+        """Records the step of an ENGM optimizer (``track_variance=True``) after ``opt.backward``.
 
-        Returns ``False`` (and counts the step in ``skipped``) when the step had no exact
-        statistics: an input-proxy step between calibrations.
+        Every statistic comes from the optimizer's diagnostics, over the examples its step used
+        (dropped ones excluded): under DistributedDataParallel those are all ranks' examples,
+        so every rank records the same, global, statistics (as a single process would on the
+        concatenated batch). Returns ``False`` (and counts the step in ``skipped``) when the
+        step had no exact statistics: an input-proxy step between calibrations.
         """
-        variance = opt.diagnostics.get("grad_variance")
-        if variance is None:
+        d = opt.diagnostics
+        if d.get("grad_variance") is None:
             if not getattr(opt, "track_variance", False):
                 raise ValueError("GradientMonitor.observe_engm: build ENGM with track_variance=True")
             self.skipped += 1
             return False
-        kept = norms.detach().double()
-        if opt.last_dropped:
-            mask = torch.ones_like(kept, dtype=torch.bool)
-            mask[opt.last_dropped] = False
-            kept = kept[mask]
-        # ENGM computes variance = mean(n^2) - ||gbar||^2 over the kept examples: invert it.
-        self.observe(kept, float(kept.pow(2).mean()) - float(variance))
+        # ENGM's variance is mean(n^2) - ||gbar||^2 over the kept examples.
+        self._record(d["grad_sqnorm"], d["norm_mean"], d["norm_max"], d["grad_variance"] + d["grad_sqnorm"])
         return True
 
     def end_epoch(self) -> dict:

@@ -1,22 +1,31 @@
-"""``engm-fast train``: adversarial training with MSGD, ENGM or ENGM-proxy, logged and plotted.
+"""The training loop: adversarial training with MSGD, ENGM or ENGM-proxy, logged, checkpointed, plotted.
 
-One run = one data set, one model, one AT method (PGD-AT, TRADES, MART; optionally with
-temporal ensembling, optionally on random labels) and one outer optimizer:
+One run = one data set (by name, :func:`engm_fast.data.dataset_spec`), one model, one AT method
+(PGD-AT, TRADES, MART; optionally with temporal ensembling, optionally on random labels) and one
+outer optimizer:
 
 * ``msgd``: ``torch.optim.SGD`` with momentum on the mean loss. With the monitor on (default),
   the mean gradient comes from the per-example engine's one backward (``(1/B) sum_i g_i``, the
   same gradient ``loss.mean().backward()`` gives), so the gradient statistics are free.
 * ``engm``: :class:`engm_fast.ENGM` (normalize weighting, exact per-example norms).
-* ``engm-proxy``: ENGM with ``norm_source="input_proxy"``, fed the input-gradient norms of the
+* ``engm_proxy``: ENGM with ``norm_source="input_proxy"``, fed the input-gradient norms of the
   attack's last step (free), calibrated by an exact step every ``calibrate_every`` steps.
+
+:class:`TrainingRun` is the loop in pieces: :meth:`~TrainingRun.step` (one mini-batch),
+:meth:`~TrainingRun.evaluate` (the per-epoch PGD evaluation), :meth:`~TrainingRun.checkpoint`
+(and resuming from one), :meth:`~TrainingRun.run_epoch` (the three for one epoch) and
+:meth:`~TrainingRun.finish` (the final evaluation by ``final_attacks``,
+:mod:`engm_fast.at.evaluation`). :func:`train` runs one configuration to the end;
+:func:`train_together` runs several epoch by epoch in turn (the demo's paired timing). The
+demo, the learning-rate sweep and the experiments all train through it.
 
 Per epoch it writes one JSON line to ``OUT/log.jsonl`` (train loss/accuracy on the adversarial
 examples, PGD robust accuracy on a training subset and on the test set, clean test accuracy,
 gradient norm/variance statistics from :class:`~engm_fast.at.GradientMonitor`, the input-proxy
 correlation, step times), saves ``OUT/checkpoint_last.pt`` and ``OUT/checkpoint_best.pt`` (best
-PGD test accuracy), and at the end ``OUT/results.json`` (final and best-checkpoint PGD-20 and,
-when ``torchattacks`` is importable, APGD-CE accuracy), ``OUT/robust_accuracy.png`` and
-``OUT/gradient_stats.png``.
+PGD test accuracy), and at the end ``OUT/results.json`` (the final and best-checkpoint
+evaluation: PGD-``eval_steps`` and, when ``torchattacks`` is importable, APGD-CE accuracy),
+``OUT/robust_accuracy.png`` and ``OUT/gradient_stats.png``.
 
 Example (shell)::
 
@@ -26,7 +35,7 @@ Example (shell)::
 Example (Python)::
 
     >>> cfg = TrainConfig(epochs=1, train_subset=64, test_subset=32, eval_train_subset=32,
-    ...                   train_steps=2, eval_steps=2, progress=False, plots=False, apgd=False,
+    ...                   train_steps=2, eval_steps=2, progress=False, plots=False, final_attacks=("pgd-2",),
     ...                   checkpoints=False, out=None)
     >>> res = train(cfg)
     >>> len(res["history"]), sorted(res["final"])
@@ -35,56 +44,77 @@ Example (Python)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
 import os
-import platform
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._runtime import environment, synchronize
 from ..engine import attach, engine_of
-from .attacks import PGD_NORMS, pgd_attack
-from .losses import AT_METHODS, adversarial_losses
+from .attacks import PGD_NORMS
+from .evaluation import (
+    EVAL_ATTACKS,
+    attack_unavailable,
+    describe_evaluation,
+    evaluate_robust,
+    final_evaluation,
+    parse_attack_spec,
+)
+from .losses import AT_METHODS, adversarial_examples, outer_losses
 from .monitor import GradientMonitor
+from .plots import plot_history
 from .temporal_ensembling import TE_DEFAULTS, TemporalEnsembling
 
-__all__ = ["OPTIMIZERS", "TrainConfig", "add_train_parser", "apgd_available", "default_lr", "evaluate_robust",
-           "run_train", "train"]
+__all__ = ["OPTIMIZERS", "TrainConfig", "TrainingRun", "add_train_parser", "default_lr", "describe_epoch",
+           "lr_milestones", "run_train", "train", "train_together"]
 
-OPTIMIZERS = ("msgd", "engm", "engm-proxy")
-
-# Learning rates chosen by the demo's sweep on digits (docs/demo_lr_sweep.md): best mean robust
-# accuracy, PGD-AT, small CNN. CIFAR values are the usual MSGD 0.1; not tuned for ENGM here.
-_DEFAULT_LR = {"digits": {"msgd": 0.07, "engm": 0.7, "engm-proxy": 0.7},
-               "cifar10": {"msgd": 0.1, "engm": 0.1, "engm-proxy": 0.1},
-               "cifar100": {"msgd": 0.1, "engm": 0.1, "engm-proxy": 0.1}}
-# Threat models: digits as in the demo (eps 0.15, PGD-7, alpha 2.5 eps/steps); CIFAR as in the
-# papers (eps 8/255, 10 steps of 2/255).
-_ATTACK = {"digits": (0.15, 7, 2.5 * 0.15 / 7), "cifar10": (8 / 255, 10, 2 / 255), "cifar100": (8 / 255, 10, 2 / 255)}
-_EVAL_SEED = 12345
+OPTIMIZERS = ("msgd", "engm", "engm_proxy")
+# The first steps of a run pay for one-time allocations and lazy initialization: the run's mean
+# step time leaves them out.
+WARMUP_STEPS = 3
 
 
 def default_lr(dataset: str, optimizer: str) -> float:
-    """The default learning rate of ``optimizer`` on ``dataset``.
+    """The default learning rate of ``optimizer`` on ``dataset`` (its registry entry's).
 
     Example::
 
         >>> default_lr("digits", "engm")
         0.7
     """
-    if dataset not in _DEFAULT_LR or optimizer not in OPTIMIZERS:
+    from ..data import DATASETS, dataset_spec
+
+    if dataset not in DATASETS or optimizer not in OPTIMIZERS:
         raise ValueError(f"default_lr: unknown dataset {dataset!r} or optimizer {optimizer!r}")
-    return _DEFAULT_LR[dataset][optimizer]
+    return dataset_spec(dataset).lr[optimizer]
+
+
+def lr_milestones(epochs: int, fractions: Sequence[float]) -> list[int]:
+    """The epochs after which the learning rate decays: ``fractions`` of ``epochs``, rounded, >= 1.
+
+    Example::
+
+        >>> lr_milestones(30, (0.5, 0.75)), lr_milestones(200, (0.5, 0.75))
+        ([15, 22], [100, 150])
+    """
+    return sorted({max(1, round(f * epochs)) for f in fractions})
 
 
 @dataclass
 class TrainConfig:
     """Every setting of a training run (``None`` = the data set's default, resolved by :meth:`resolved`).
+
+    ``eval_steps`` is the PGD of the per-epoch evaluation; ``final_attacks`` the attack specs
+    of the final one (:mod:`engm_fast.at.evaluation`; default PGD-``eval_steps`` and, when
+    ``torchattacks`` is importable, APGD-CE).
 
     Example::
 
@@ -95,7 +125,7 @@ class TrainConfig:
 
     dataset: str = "digits"
     data_dir: str | None = None
-    model: str | None = None  # small_cnn for digits, preact_resnet18 for CIFAR
+    model: str | None = None  # the data set's default (small_cnn for digits, preact_resnet18 for CIFAR)
     model_kwargs: dict = field(default_factory=dict)
     method: str = "pgd"
     optimizer: str = "msgd"
@@ -117,6 +147,7 @@ class TrainConfig:
     eval_steps: int = 20
     eval_eps: float | None = None  # evaluation budget (default: eps); set it when training with eps=0
     eval_every: int = 1  # per-epoch test/train evaluation every this many epochs (and the last epoch)
+    final_attacks: tuple[str, ...] | None = None
     beta: float = 6.0
     te_momentum: float = TE_DEFAULTS["momentum"]
     te_weight: float = TE_DEFAULTS["reg_weight"]
@@ -127,8 +158,6 @@ class TrainConfig:
     test_subset: int | None = None
     eval_train_subset: int | None = 512
     monitor: bool = True
-    apgd: bool = True
-    apgd_steps: int = 50
     seed: int = 0
     device: str = "cpu"
     out: str | None = "engm_train_out"
@@ -139,35 +168,34 @@ class TrainConfig:
 
     def resolved(self) -> TrainConfig:
         """A copy with every ``None`` default filled in and the settings checked."""
-        from ..data import DATASETS
+        from ..data import dataset_spec
 
-        if self.dataset not in DATASETS:
-            raise ValueError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
+        spec = dataset_spec(self.dataset)
         if self.method not in AT_METHODS:
             raise ValueError(f"method must be one of {AT_METHODS}, got {self.method!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.norm not in PGD_NORMS:
             raise ValueError(f"norm must be one of {PGD_NORMS}, got {self.norm!r}")
-        for name in ("epochs", "eval_steps", "apgd_steps", "calibrate_every", "eval_every"):
+        for name in ("epochs", "eval_steps", "calibrate_every", "eval_every"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-        eps, steps, alpha = _ATTACK[self.dataset]
         c = replace(
             self,
-            model=self.model or ("small_cnn" if self.dataset == "digits" else "preact_resnet18"),
+            model=self.model or spec.model,
             lr=self.lr if self.lr is not None else default_lr(self.dataset, self.optimizer),
-            batch_size=self.batch_size or (64 if self.dataset == "digits" else 128),
+            batch_size=self.batch_size or spec.batch_size,
             weight_decay=self.weight_decay if self.weight_decay is not None else (0.0 if self.random_labels else 5e-4),
-            augment=self.augment if self.augment is not None else (self.dataset != "digits" and not self.random_labels),
-            eps=self.eps if self.eps is not None else eps,
-            train_steps=self.train_steps or steps,
+            augment=self.augment if self.augment is not None else (spec.augment and not self.random_labels),
+            eps=self.eps if self.eps is not None else spec.eps,
+            train_steps=self.train_steps or spec.attack_steps,
+            final_attacks=_final_attacks(self.final_attacks, self.eval_steps),
         )
         if c.eval_eps is None:
             c.eval_eps = c.eps
         if c.alpha is None:
-            c.alpha = alpha if self.eps is None and self.train_steps is None else 2.5 * c.eps / c.train_steps
+            c.alpha = spec.attack_alpha if self.eps is None and self.train_steps is None else 2.5 * c.eps / c.train_steps
         if not (c.lr > 0 and math.isfinite(c.lr)):
             raise ValueError(f"lr must be a finite number > 0, got {c.lr!r}")
         if c.batch_size < 1:
@@ -177,26 +205,44 @@ class TrainConfig:
         return c
 
 
-# --- data ----------------------------------------------------------------------------------------
+def _final_attacks(specs: Sequence[str] | None, eval_steps: int) -> tuple[str, ...]:
+    """Checked attack specs; the default is PGD-``eval_steps`` plus APGD-CE where it can run."""
+    if specs is None:
+        default = (f"pgd-{eval_steps}", "apgd-ce")
+        return tuple(s for s in default if attack_unavailable(parse_attack_spec(s)[0]) is None)
+    if isinstance(specs, str):
+        raise TypeError(f"final_attacks must be a sequence of attack specs, got the string {specs!r}")
+    seen: dict[str, str] = {}
+    for spec in specs:
+        attack, _ = parse_attack_spec(spec)
+        if attack.key in seen:
+            raise ValueError(f"final_attacks: {seen[attack.key]!r} and {spec!r} are the same attack (one of each)")
+        seen[attack.key] = spec
+        why = attack_unavailable(attack)
+        if why is not None:
+            raise ValueError(f"final_attacks: {spec!r} cannot run here: {why}")
+    if not specs:
+        raise ValueError("final_attacks must name at least one attack, e.g. ('pgd-20',)")
+    return tuple(specs)
 
-def _subset(x, y, k, seed):
-    if k is None or k >= x.shape[0]:
-        return x, y
-    keep = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:k]
-    return x[keep], y[keep]
+
+# --- data, model, optimizer --------------------------------------------------------------------------
+
+Data = tuple  # (x_train, y_train, x_test, y_test, num_classes), e.g. an engm_fast.data.Splits
 
 
-def _load(cfg: TrainConfig):
-    from ..data import load_dataset, random_labels
+def _prepare_data(cfg: TrainConfig, data: Data | None) -> Data:
+    """The run's tensors on its device: fixed subsets, random labels when asked."""
+    from ..data import fixed_subset, load_dataset, random_labels
 
-    s = load_dataset(cfg.dataset, cfg.data_dir)
-    # Subsets are fixed (seed 0) whatever the training seed, so seeds are compared on the same data.
-    x_tr, y_tr = _subset(s.x_train, s.y_train, cfg.train_subset, 0)
-    x_te, y_te = _subset(s.x_test, s.y_test, cfg.test_subset, 1)
+    x_tr, y_tr, x_te, y_te, num_classes = data if data is not None else load_dataset(cfg.dataset, cfg.data_dir)
+    # Subsets are fixed (seeds 0 and 1) whatever the training seed, so seeds are compared on the same data.
+    x_tr, y_tr = fixed_subset(x_tr, y_tr, cfg.train_subset, 0)
+    x_te, y_te = fixed_subset(x_te, y_te, cfg.test_subset, 1)
     if cfg.random_labels:
-        y_tr = random_labels(y_tr, s.num_classes, seed=cfg.label_seed, rate=1.0)
+        y_tr = random_labels(y_tr, num_classes, seed=cfg.label_seed, rate=1.0)
     dev = torch.device(cfg.device)
-    return x_tr.to(dev), y_tr.to(dev), x_te.to(dev), y_te.to(dev), s.num_classes
+    return x_tr.to(dev), y_tr.to(dev), x_te.to(dev), y_te.to(dev), num_classes
 
 
 def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -213,8 +259,6 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return out
 
 
-# --- models and optimizers ------------------------------------------------------------------------
-
 def _build_model(cfg: TrainConfig, num_classes: int, in_channels: int) -> nn.Module:
     from ..models import make_model
 
@@ -230,82 +274,11 @@ def _build_optimizer(cfg: TrainConfig, model: nn.Module):
     from ..optim import ENGM
 
     return ENGM(model, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                norm_source="input_proxy" if cfg.optimizer == "engm-proxy" else "exact",
+                norm_source="input_proxy" if cfg.optimizer == "engm_proxy" else "exact",
                 calibrate_every=cfg.calibrate_every, track_variance=cfg.monitor)
 
 
-# --- evaluation -----------------------------------------------------------------------------------
-
-def apgd_available() -> bool:
-    """Whether ``torchattacks`` (for APGD) can be imported.
-
-    Example::
-
-        >>> isinstance(apgd_available(), bool)
-        True
-    """
-    try:
-        import torchattacks  # noqa: F401
-    except Exception:  # noqa: BLE001  (torchattacks may fail on import for reasons other than absence)
-        return False
-    return True
-
-
-def _paused(model):
-    import contextlib
-
-    engine = engine_of(model)
-    return engine.paused() if engine is not None else contextlib.nullcontext()
-
-
-def evaluate_robust(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int = 20,
-                    norm: str = "linf", attack: str = "pgd", batch_size: int = 500,
-                    seed: int = _EVAL_SEED) -> tuple[float, float]:
-    """``(clean accuracy, robust accuracy)`` under PGD-``steps`` (ours) or APGD-CE (torchattacks).
-
-    Eval mode during the attack; the model's mode is restored after. PGD uses step size
-    ``2.5 eps / steps`` and a random start from a generator seeded with ``seed``.
-
-    Example::
-
-        >>> m = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
-        >>> x, y = torch.rand(6, 4), torch.randint(0, 3, (6,))
-        >>> clean, robust = evaluate_robust(m, x, y, eps=0.0, steps=3)   # no budget: robust == clean
-        >>> robust == clean
-        True
-    """
-    if attack not in ("pgd", "apgd"):
-        raise ValueError(f"evaluate_robust: attack must be 'pgd' or 'apgd', got {attack!r}")
-    was = model.training
-    model.eval()
-    gen = torch.Generator(device=x.device).manual_seed(seed)
-    atk = None
-    if attack == "apgd":
-        import torchattacks
-
-        atk = torchattacks.APGD(model, norm="Linf" if norm == "linf" else "L2", eps=eps, steps=steps,
-                                n_restarts=1, loss="ce", seed=seed)
-    clean = robust = 0
-    try:
-        for i in range(0, x.shape[0], batch_size):
-            xb, yb = x[i:i + batch_size], y[i:i + batch_size]
-            with torch.no_grad():
-                clean += int((model(xb).argmax(1) == yb).sum())
-            with _paused(model):
-                if atk is None:
-                    xa = pgd_attack(model, xb, yb, eps=eps, alpha=2.5 * eps / steps, steps=steps, norm=norm,
-                                    generator=gen)
-                else:
-                    xa = atk(xb, yb)
-            with torch.no_grad():
-                robust += int((model(xa).argmax(1) == yb).sum())
-    finally:
-        model.train(was)
-    n = max(1, x.shape[0])
-    return clean / n, robust / n
-
-
-# --- training -------------------------------------------------------------------------------------
+# --- helpers -----------------------------------------------------------------------------------------
 
 def _pearson(a: torch.Tensor, b: torch.Tensor) -> float | None:
     if a.numel() < 3:
@@ -315,9 +288,8 @@ def _pearson(a: torch.Tensor, b: torch.Tensor) -> float | None:
     return float((a * b).sum()) / den if den > 0 else None
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _mean(xs: Sequence[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
 
 
 def _jsonable(obj):
@@ -332,7 +304,7 @@ def _jsonable(obj):
 
 # Settings that may differ between a run and its resumption (everything else must match).
 # The epochs may not change: the LR milestones and TE's ramp-up are scaled to them.
-_RESUME_MAY_DIFFER = ("out", "resume", "progress", "plots", "checkpoints", "apgd", "apgd_steps", "data_dir")
+_RESUME_MAY_DIFFER = ("out", "resume", "progress", "plots", "checkpoints", "final_attacks", "data_dir")
 
 
 def _check_resumable(ck: dict, config: dict, path: str) -> None:
@@ -351,287 +323,381 @@ def _check_resumable(ck: dict, config: dict, path: str) -> None:
                          "the run is complete")
 
 
-def train(cfg: TrainConfig, data=None) -> dict:
-    """Runs one adversarial-training run; returns (and writes, if ``cfg.out``) the results dict.
+@dataclass
+class _Epoch:
+    """What one epoch's steps add up."""
 
-    ``data`` optionally gives ``(x_train, y_train, x_test, y_test, num_classes)`` already loaded
-    (sweeps reuse it); labels are randomized here when ``cfg.random_labels``.
-
-    The results dict: ``config``, ``history`` (one dict per epoch, as in ``log.jsonl``),
-    ``final`` (last model: clean, PGD-``eval_steps`` and APGD test accuracy), ``best`` (the
-    checkpoint with the best per-epoch PGD test accuracy, re-evaluated the same way),
-    ``diverged`` (epoch at which a non-finite loss stopped training, or ``None``), timings.
-    """
-    cfg = cfg.resolved()
-    t_start = time.perf_counter()
-    torch.manual_seed(cfg.seed)
-    device = torch.device(cfg.device)
-    if data is None:
-        x_tr, y_tr, x_te, y_te, num_classes = _load(cfg)
-    else:
-        x_tr, y_tr, x_te, y_te, num_classes = data
-        x_tr, y_tr = _subset(x_tr, y_tr, cfg.train_subset, 0)
-        x_te, y_te = _subset(x_te, y_te, cfg.test_subset, 1)
-        if cfg.random_labels:
-            from ..data import random_labels
-
-            y_tr = random_labels(y_tr, num_classes, seed=cfg.label_seed, rate=1.0)
-        x_tr, y_tr, x_te, y_te = (t.to(device) for t in (x_tr, y_tr, x_te, y_te))
-    n_train = x_tr.shape[0]
-    model = _build_model(cfg, num_classes, x_tr.shape[1])
-    opt = _build_optimizer(cfg, model)
-    milestones = sorted({max(1, round(f * cfg.epochs)) for f in cfg.lr_milestones})
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=cfg.lr_gamma)
-    te = None
-    if cfg.te:
-        te = TemporalEnsembling(n_train, num_classes, momentum=cfg.te_momentum, reg_weight=cfg.te_weight,
-                                es=cfg.te_es, ee=cfg.te_ee, epochs=cfg.epochs, device=device)
-    monitor = GradientMonitor() if cfg.monitor else None
-    shuffle_gen = torch.Generator().manual_seed(cfg.seed)
-    attack_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
-    aug_gen = torch.Generator().manual_seed(cfg.seed + 2)
-    eval_tr = _subset(x_tr, y_tr, cfg.eval_train_subset, 2) if cfg.eval_train_subset else None
-    is_engm = cfg.optimizer != "msgd"
-    is_proxy = cfg.optimizer == "engm-proxy"
-    engine = engine_of(model)
-
-    config_dict = {**asdict(cfg), "milestones": milestones, "te_es": te.es if te else None,
-                   "te_ee": te.ee if te else None}
-    history: list[dict] = []
-    best_robust, best_state, best_epoch = -1.0, None, None
-    diverged = None
-    first_epoch = 1
-    if cfg.resume:
-        # On the CPU: generator states must stay CPU byte tensors; load_state_dict moves the rest.
-        ck = torch.load(cfg.resume, map_location="cpu", weights_only=False)
-        _check_resumable(ck, config_dict, cfg.resume)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        if te is not None:
-            te.load_state_dict(ck["te"])
-        for gen, state in zip((shuffle_gen, attack_gen, aug_gen), ck["generators"]):
-            gen.set_state(state)
-        torch.set_rng_state(ck["torch_rng"])
-        history = list(ck["history"])
-        best_robust, best_epoch, best_state = ck["best"]["robust"], ck["best"]["epoch"], ck["best"]["state"]
-        first_epoch = ck["epoch"] + 1
-    if cfg.out:
-        os.makedirs(cfg.out, exist_ok=True)
-        log_path = os.path.join(cfg.out, "log.jsonl")
-        with open(log_path, "w") as f:  # a resumed run rewrites the epochs it continues from
-            for rec in history:
-                f.write(json.dumps(_jsonable(rec)) + "\n")
-    bar = None
-    if cfg.progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=(cfg.epochs - first_epoch + 1) * math.ceil(n_train / cfg.batch_size), unit="batch",
-                   dynamic_ncols=True, desc=f"{cfg.method}{'+te' if cfg.te else ''} {cfg.optimizer}")
-    for epoch in range(first_epoch, cfg.epochs + 1):
-        model.train()
-        lr_now = opt.param_groups[0]["lr"]
-        te_w = te.weight(epoch) if te else 0.0
-        perm = torch.randperm(n_train, generator=shuffle_gen).to(device)
-        tot_loss, tot_correct, tot_n = 0.0, 0, 0
-        update_ms, batch_ms = [], []
-        proxy_in, proxy_ex, batch_r = [], [], []
-        t_epoch = time.perf_counter()
-        for start in range(0, n_train, cfg.batch_size):
-            idx = perm[start:start + cfg.batch_size]
-            x, y = x_tr[idx], y_tr[idx]
-            if cfg.augment:
-                x = _augment(x, aug_gen)
-            _sync(device)
-            t0 = time.perf_counter()
-            target = None
-            if te is not None and te.active(epoch):
-                model.eval()  # the paper's EMA uses eval-mode clean predictions
-                with torch.no_grad(), _paused(model):
-                    target = te.update(model(x), idx, epoch)
-                model.train()
-            out = adversarial_losses(model, x, y, cfg.method, eps=cfg.eps, alpha=cfg.alpha, steps=cfg.train_steps,
-                                     norm=cfg.norm, beta=cfg.beta, te_target=target, te_weight=te_w,
-                                     return_input_grad_norms=True, generator=attack_gen)
-            losses = out.losses
-            if not bool(torch.isfinite(losses.detach()).all()):
-                diverged = epoch
-                break
-            _sync(device)
-            t1 = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            exact_norms = None
-            try:
-                if is_engm:
-                    cal_before = opt.proxy.calibrations
-                    norms = opt.backward(losses, input_grad_norms=out.input_grad_norms if is_proxy else None)
-                    if not is_proxy or opt.proxy.calibrations > cal_before:
-                        exact_norms = norms.detach()
-                    if monitor is not None:
-                        monitor.observe_engm(opt, norms)
-                elif monitor is not None:
-                    grads = engine.backward(losses)
-                    exact_norms = grads.sqnorms().clamp_min(0).sqrt()
-                    for p, g in monitor.observe_grads(grads).items():
-                        p.grad = g
-                else:
-                    losses.mean().backward()
-            except FloatingPointError:
-                diverged = epoch
-                break
-            opt.step()
-            _sync(device)
-            t2 = time.perf_counter()
-            update_ms.append((t2 - t1) * 1e3)
-            batch_ms.append((t2 - t0) * 1e3)
-            if exact_norms is not None and out.input_grad_norms is not None:
-                proxy_in.append(out.input_grad_norms.detach().cpu())
-                proxy_ex.append(exact_norms.cpu())
-                r = _pearson(proxy_in[-1], proxy_ex[-1])
-                if r is not None:
-                    batch_r.append(r)
-            tot_loss += float(losses.detach().sum())
-            tot_correct += int((out.logits_adv.detach().argmax(1) == y).sum())
-            tot_n += y.shape[0]
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(epoch=epoch, loss=f"{tot_loss / tot_n:.3f}", adv_acc=f"{tot_correct / tot_n:.3f}")
-        if diverged is not None:
-            rec = {"epoch": epoch, "diverged": True, "lr": lr_now}
-            history.append(rec)
-            if cfg.out:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(_jsonable(rec)) + "\n")
-            break
-        train_time = time.perf_counter() - t_epoch
-        sched.step()
-        evaluate_now = epoch % cfg.eval_every == 0 or epoch == cfg.epochs
-        clean_te = rob_te = clean_tr = rob_tr = None
-        if evaluate_now:
-            clean_te, rob_te = evaluate_robust(model, x_te, y_te, cfg.eval_eps, cfg.eval_steps, cfg.norm)
-        if eval_tr is not None and evaluate_now:
-            clean_tr, rob_tr = evaluate_robust(model, eval_tr[0], eval_tr[1], cfg.eval_eps, cfg.eval_steps, cfg.norm)
-        rec = {"epoch": epoch, "lr": lr_now, "te_weight": te_w, "train_loss": tot_loss / max(tot_n, 1),
-               "train_adv_acc": tot_correct / max(tot_n, 1), "train_clean_acc": clean_tr,
-               f"train_robust_acc_pgd{cfg.eval_steps}": rob_tr, "test_clean_acc": clean_te,
-               f"test_robust_acc_pgd{cfg.eval_steps}": rob_te,
-               "update_ms": sum(update_ms) / max(len(update_ms), 1),
-               "batch_ms": sum(batch_ms) / max(len(batch_ms), 1), "train_time_s": train_time}
-        if monitor is not None:
-            rec["grad"] = monitor.end_epoch()
-        if proxy_in:
-            rec["proxy_pearson_r"] = _pearson(torch.cat(proxy_in), torch.cat(proxy_ex))
-            rec["proxy_batch_r_mean"] = sum(batch_r) / len(batch_r) if batch_r else None
-        if is_proxy:
-            rec["proxy_fit"] = opt.proxy_stats
-        history.append(rec)
-        if cfg.out:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(_jsonable(rec)) + "\n")
-        if rob_te is not None and rob_te > best_robust:
-            best_robust, best_epoch = rob_te, epoch
-            best_state = copy.deepcopy(model.state_dict())
-        if cfg.out and cfg.checkpoints:
-            # Everything a resumed run needs to continue bit for bit (on the CPU): the random
-            # generators of shuffling, attacks and augmentation, the history and the best model.
-            ck = {"epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                  "scheduler": sched.state_dict(), "te": te.state_dict() if te else None, "config": config_dict,
-                  "generators": [g.get_state() for g in (shuffle_gen, attack_gen, aug_gen)],
-                  "torch_rng": torch.get_rng_state(), "history": history,
-                  "best": {"robust": best_robust, "epoch": best_epoch, "state": best_state}}
-            torch.save(ck, os.path.join(cfg.out, "checkpoint_last.pt"))
-            if best_epoch == epoch:
-                torch.save(ck, os.path.join(cfg.out, "checkpoint_best.pt"))
-        if bar is not None:
-            msg = f"epoch {epoch}/{cfg.epochs}: loss {rec['train_loss']:.3f} adv-acc {rec['train_adv_acc']:.3f}"
-            if evaluate_now:
-                msg += f" | test clean {clean_te:.3f} PGD-{cfg.eval_steps} {rob_te:.3f}"
-            bar.write(msg)
-    if bar is not None:
-        bar.close()
-
-    results = {"config": config_dict, "history": history, "diverged": diverged, "best_epoch": best_epoch,
-               "environment": {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
-                               "python": platform.python_version()}}
-    use_apgd = cfg.apgd and apgd_available()
-    results["apgd"] = "torchattacks APGD-CE" if use_apgd else ("not installed" if cfg.apgd else "off")
-
-    def final_eval() -> dict:
-        c, r = evaluate_robust(model, x_te, y_te, cfg.eval_eps, cfg.eval_steps, cfg.norm)
-        d = {"clean_acc": c, "robust_acc_pgd": r, "pgd_steps": cfg.eval_steps}
-        if use_apgd:
-            d["robust_acc_apgd"] = evaluate_robust(model, x_te, y_te, cfg.eval_eps, cfg.apgd_steps, cfg.norm,
-                                                      attack="apgd")[1]
-        return d
-
-    if diverged is None or history[:-1]:
-        results["final"] = final_eval()
-        if best_state is not None:
-            last_state = copy.deepcopy(model.state_dict())
-            model.load_state_dict(best_state)
-            results["best"] = {"epoch": best_epoch, **final_eval()}
-            model.load_state_dict(last_state)
-    results["wall_time_s"] = time.perf_counter() - t_start
-    if cfg.out:
-        with open(os.path.join(cfg.out, "results.json"), "w") as f:
-            json.dump(_jsonable(results), f, indent=1)
-        if cfg.plots:
-            plot_history(history, cfg.out, f"{cfg.dataset} {cfg.model} {cfg.method}{'+TE' if cfg.te else ''} "
-                         f"{cfg.optimizer}{' random labels' if cfg.random_labels else ''}")
-    return results
+    number: int
+    lr: float
+    te_weight: float
+    loss: float = 0.0
+    correct: int = 0
+    seen: int = 0
+    step_ms: list = field(default_factory=list)    # forward on x_adv + backward + optimizer step
+    update_ms: list = field(default_factory=list)  # backward + optimizer step
+    batch_ms: list = field(default_factory=list)   # the whole iteration, attack included
+    engm_norm_means: list = field(default_factory=list)
+    proxy_in: list = field(default_factory=list)
+    proxy_exact: list = field(default_factory=list)
+    batch_r: list = field(default_factory=list)
 
 
-def plot_history(history: list[dict], out_dir: str, title: str = "") -> list[str]:
-    """Writes ``robust_accuracy.png`` and ``gradient_stats.png`` from a run's per-epoch history.
+# --- the loop ----------------------------------------------------------------------------------------
+
+class TrainingRun:
+    """One adversarial-training run, advanced an epoch at a time (see the module docstring).
+
+    Building it loads the data, builds the model (weights seeded by ``cfg.seed``), the
+    optimizer, the LR schedule, TE and the monitor, seeds the shuffling (``seed``), attack
+    (``seed + 1``) and augmentation (``seed + 2``) generators, and resumes from
+    ``cfg.resume`` when given. ``announce=False`` keeps the per-epoch line off the progress bar
+    (:func:`train_together` prints its own).
 
     Example::
 
-        >>> plot_history([], "/tmp")
-        []
+        >>> run = TrainingRun(TrainConfig(epochs=2, train_subset=32, test_subset=16, eval_train_subset=None,
+        ...                               train_steps=1, eval_steps=1, final_attacks=("pgd-1",), monitor=False,
+        ...                               progress=False, out=None))
+        >>> while not run.done:
+        ...     record = run.run_epoch()
+        >>> record["epoch"], sorted(run.finish()["final"])
+        (2, ['clean_acc', 'pgd_steps', 'robust_acc_pgd'])
     """
-    rows = [h for h in history if not h.get("diverged")]
-    if not rows:
-        return []
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    def __init__(self, cfg: TrainConfig, data: Data | None = None, announce: bool = True) -> None:
+        self.t_start = time.perf_counter()
+        self.cfg = cfg = cfg.resolved()
+        torch.manual_seed(cfg.seed)
+        self.device = device = torch.device(cfg.device)
+        self.x_train, self.y_train, self.x_test, self.y_test, num_classes = _prepare_data(cfg, data)
+        self.model = _build_model(cfg, num_classes, self.x_train.shape[1])
+        self.opt = _build_optimizer(cfg, self.model)
+        self.milestones = lr_milestones(cfg.epochs, cfg.lr_milestones)
+        self.sched = torch.optim.lr_scheduler.MultiStepLR(self.opt, milestones=self.milestones, gamma=cfg.lr_gamma)
+        self.te = None
+        if cfg.te:
+            self.te = TemporalEnsembling(self.x_train.shape[0], num_classes, momentum=cfg.te_momentum,
+                                         reg_weight=cfg.te_weight, es=cfg.te_es, ee=cfg.te_ee, epochs=cfg.epochs,
+                                         device=device)
+        self.monitor = GradientMonitor() if cfg.monitor else None
+        self.shuffle_gen = torch.Generator().manual_seed(cfg.seed)
+        self.attack_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+        self.aug_gen = torch.Generator().manual_seed(cfg.seed + 2)
+        self.eval_train = None
+        if cfg.eval_train_subset:
+            from ..data import fixed_subset
 
-    ep = [h["epoch"] for h in rows]
-    nan = float("nan")  # epochs without evaluation (eval_every > 1) are gaps in the curves
-    rows = [{k: (nan if v is None else v) for k, v in h.items()} for h in rows]
-    key_te = next(k for k in rows[0] if k.startswith("test_robust_acc"))
-    key_tr = next(k for k in rows[0] if k.startswith("train_robust_acc"))
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(ep, [h["train_adv_acc"] for h in rows], ":", label="train adv. acc. (training attack)")
-    if any(h[key_tr] == h[key_tr] for h in rows):  # not all NaN
-        ax.plot(ep, [h[key_tr] for h in rows], "-o", ms=3, label=f"train robust ({key_tr.split('_')[-1].upper()})")
-    ax.plot(ep, [h[key_te] for h in rows], "-s", ms=3, label=f"test robust ({key_te.split('_')[-1].upper()})")
-    ax.plot(ep, [h["test_clean_acc"] for h in rows], "--", label="test clean")
-    ax.set(xlabel="epoch", ylabel="accuracy", ylim=(0, 1), title=title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths = [os.path.join(out_dir, "robust_accuracy.png")]
-    fig.savefig(paths[0], dpi=100)
-    plt.close(fig)
-    if rows[0].get("grad") and rows[0]["grad"]["grad_norm"] is not None:
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-        g = [h["grad"] for h in rows]
-        axes[0].plot(ep, [s["grad_norm"] for s in g], "-o", ms=3, label="||mean gradient||")
-        axes[0].plot(ep, [s["norm_mean"] for s in g], "-s", ms=3, label="mean per-example norm")
-        axes[0].set(xlabel="epoch", ylabel="norm", yscale="log")
-        axes[0].legend(fontsize=8)
-        axes[1].plot(ep, [s["variance"] for s in g], "-o", ms=3, color="tab:red")
-        axes[1].set(xlabel="epoch", ylabel="gradient variance", yscale="log")
-        for a in axes:
-            a.grid(alpha=0.3)
-        fig.suptitle(title, fontsize=9)
-        fig.tight_layout()
-        paths.append(os.path.join(out_dir, "gradient_stats.png"))
-        fig.savefig(paths[-1], dpi=100)
-        plt.close(fig)
-    return paths
+            self.eval_train = fixed_subset(self.x_train, self.y_train, cfg.eval_train_subset, 2)
+        self.is_engm = cfg.optimizer != "msgd"
+        self.is_proxy = cfg.optimizer == "engm_proxy"
+        self.engine = engine_of(self.model)
+        self.config = {**asdict(cfg), "milestones": self.milestones, "te_es": self.te.es if self.te else None,
+                       "te_ee": self.te.ee if self.te else None}
+        self.history: list[dict] = []
+        self.best_robust, self.best_state, self.best_epoch = -1.0, None, None
+        self.diverged: int | None = None
+        self.epoch = 0  # the last finished epoch
+        self.step_ms: list[float] = []  # every step of this process, for the run's mean
+        self.announce = announce
+        if cfg.resume:
+            self._resume(cfg.resume)
+        self.log_path = None
+        if cfg.out:
+            os.makedirs(cfg.out, exist_ok=True)
+            self.log_path = os.path.join(cfg.out, "log.jsonl")
+            with open(self.log_path, "w") as f:  # a resumed run rewrites the epochs it continues from
+                for rec in self.history:
+                    f.write(json.dumps(_jsonable(rec)) + "\n")
+        self.bar = None
+        if cfg.progress:
+            from tqdm.auto import tqdm
+
+            batches = math.ceil(self.x_train.shape[0] / cfg.batch_size)
+            self.bar = tqdm(total=(cfg.epochs - self.epoch) * batches, unit="batch", dynamic_ncols=True, leave=announce,
+                            desc=f"{cfg.method}{'+te' if cfg.te else ''} {cfg.optimizer}")
+
+    @property
+    def done(self) -> bool:
+        """Whether the run has trained every epoch or stopped on a non-finite loss."""
+        return self.diverged is not None or self.epoch >= self.cfg.epochs
+
+    @property
+    def eval_key(self) -> str:
+        """The per-epoch robust accuracy's name in the history (``pgd20`` for ``eval_steps=20``)."""
+        return f"pgd{self.cfg.eval_steps}"
+
+    # -- one step ------------------------------------------------------------------------------------
+    def step(self, idx: torch.Tensor, ep: _Epoch) -> bool:
+        """One optimizer step on the training examples ``idx``; ``False`` when the loss (or the
+        gradient norms) were not finite (nothing is stepped then; the run stops)."""
+        cfg, model, opt, device = self.cfg, self.model, self.opt, self.device
+        x, y = self.x_train[idx], self.y_train[idx]
+        if cfg.augment:
+            x = _augment(x, self.aug_gen)
+        synchronize(device)
+        t0 = time.perf_counter()
+        target = None
+        if self.te is not None and self.te.active(ep.number):
+            model.eval()  # the paper's EMA uses eval-mode clean predictions
+            with torch.no_grad(), (self.engine.paused() if self.engine is not None else contextlib.nullcontext()):
+                target = self.te.update(model(x), idx, ep.number)
+            model.train()
+        x_adv, input_grad_norms = adversarial_examples(
+            model, x, y, cfg.method, eps=cfg.eps, alpha=cfg.alpha, steps=cfg.train_steps, norm=cfg.norm,
+            beta=cfg.beta, te_target=target, te_weight=ep.te_weight, return_input_grad_norms=True,
+            generator=self.attack_gen)
+        synchronize(device)
+        t1 = time.perf_counter()
+        losses, logits_adv = outer_losses(model, x, x_adv, y, cfg.method, cfg.beta, target, ep.te_weight)
+        if not bool(torch.isfinite(losses.detach()).all()):
+            return False
+        synchronize(device)
+        t2 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        exact_norms = None
+        try:
+            if self.is_engm:
+                calibrations = opt.proxy.calibrations
+                norms = opt.backward(losses, input_grad_norms=input_grad_norms if self.is_proxy else None)
+                if not self.is_proxy or opt.proxy.calibrations > calibrations:
+                    exact_norms = norms.detach()
+                if self.monitor is not None:
+                    self.monitor.observe_engm(opt)
+                ep.engm_norm_means.append(float(opt.diagnostics["norm_mean"]))
+            elif self.monitor is not None:
+                grads = self.engine.backward(losses)
+                exact_norms = grads.sqnorms().clamp_min(0).sqrt()
+                for p, g in self.monitor.observe_grads(grads).items():
+                    p.grad = g
+            else:
+                losses.mean().backward()
+        except FloatingPointError:
+            return False
+        opt.step()
+        synchronize(device)
+        t3 = time.perf_counter()
+        ep.step_ms.append((t3 - t1) * 1e3)
+        ep.update_ms.append((t3 - t2) * 1e3)
+        ep.batch_ms.append((t3 - t0) * 1e3)
+        if exact_norms is not None:
+            ep.proxy_in.append(input_grad_norms.detach().cpu())
+            ep.proxy_exact.append(exact_norms.cpu())
+            r = _pearson(ep.proxy_in[-1], ep.proxy_exact[-1])
+            if r is not None:
+                ep.batch_r.append(r)
+        ep.loss += float(losses.detach().sum())
+        ep.correct += int((logits_adv.detach().argmax(1) == y).sum())
+        ep.seen += y.shape[0]
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(epoch=ep.number, loss=f"{ep.loss / ep.seen:.3f}", adv_acc=f"{ep.correct / ep.seen:.3f}")
+        return True
+
+    def train_epoch(self) -> _Epoch | None:
+        """The next epoch's steps over a fresh permutation; ``None`` when a step diverged."""
+        self.model.train()
+        number = self.epoch + 1
+        ep = _Epoch(number, self.opt.param_groups[0]["lr"], self.te.weight(number) if self.te else 0.0)
+        n, bs = self.x_train.shape[0], self.cfg.batch_size
+        perm = torch.randperm(n, generator=self.shuffle_gen).to(self.device)
+        for start in range(0, n, bs):
+            if not self.step(perm[start:start + bs], ep):
+                return None
+        self.step_ms.extend(ep.step_ms)
+        self.sched.step()
+        return ep
+
+    # -- evaluation ----------------------------------------------------------------------------------
+    def evaluate(self) -> dict:
+        """Clean and PGD-``eval_steps`` accuracy on the test set and the training subset."""
+        cfg = self.cfg
+        out = {}
+        out["test_clean_acc"], out[f"test_robust_acc_{self.eval_key}"] = evaluate_robust(
+            self.model, self.x_test, self.y_test, cfg.eval_eps, cfg.eval_steps, cfg.norm)
+        out["train_clean_acc"] = out[f"train_robust_acc_{self.eval_key}"] = None
+        if self.eval_train is not None:
+            out["train_clean_acc"], out[f"train_robust_acc_{self.eval_key}"] = evaluate_robust(
+                self.model, *self.eval_train, cfg.eval_eps, cfg.eval_steps, cfg.norm)
+        return out
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+    def checkpoint(self) -> None:
+        """Writes ``checkpoint_last.pt`` (and ``checkpoint_best.pt`` when this epoch is the best):
+        everything a resumed run needs to continue bit for bit (on the CPU): model, optimizer,
+        schedule, TE, the generators of shuffling, attacks and augmentation, the history and
+        the best model."""
+        ck = {"epoch": self.epoch, "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+              "scheduler": self.sched.state_dict(), "te": self.te.state_dict() if self.te else None,
+              "config": self.config,
+              "generators": [g.get_state() for g in (self.shuffle_gen, self.attack_gen, self.aug_gen)],
+              "torch_rng": torch.get_rng_state(), "history": self.history,
+              "best": {"robust": self.best_robust, "epoch": self.best_epoch, "state": self.best_state}}
+        torch.save(ck, os.path.join(self.cfg.out, "checkpoint_last.pt"))
+        if self.best_epoch == self.epoch:
+            torch.save(ck, os.path.join(self.cfg.out, "checkpoint_best.pt"))
+
+    def _resume(self, path: str) -> None:
+        # On the CPU: generator states must stay CPU byte tensors; load_state_dict moves the rest.
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+        _check_resumable(ck, self.config, path)
+        self.model.load_state_dict(ck["model"])
+        self.opt.load_state_dict(ck["optimizer"])
+        self.sched.load_state_dict(ck["scheduler"])
+        if self.te is not None:
+            self.te.load_state_dict(ck["te"])
+        for gen, state in zip((self.shuffle_gen, self.attack_gen, self.aug_gen), ck["generators"]):
+            gen.set_state(state)
+        torch.set_rng_state(ck["torch_rng"])
+        self.history = list(ck["history"])
+        self.best_robust, self.best_epoch, self.best_state = ck["best"]["robust"], ck["best"]["epoch"], ck["best"]["state"]
+        self.epoch = ck["epoch"]
+
+    def _log(self, rec: dict) -> None:
+        self.history.append(rec)
+        if self.log_path:
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps(_jsonable(rec)) + "\n")
+
+    # -- one epoch -----------------------------------------------------------------------------------
+    def run_epoch(self) -> dict:
+        """Trains, evaluates (every ``eval_every`` epochs and the last), logs and checkpoints the
+        next epoch; returns its record (``{"epoch", "diverged": True, "lr"}`` when it diverged)."""
+        if self.done:
+            raise RuntimeError(f"TrainingRun.run_epoch: the run is over (epoch {self.epoch} of {self.cfg.epochs}, "
+                               f"diverged: {self.diverged})")
+        cfg = self.cfg
+        number = self.epoch + 1
+        t_epoch = time.perf_counter()
+        ep = self.train_epoch()
+        if ep is None:
+            self.diverged = number
+            rec = {"epoch": number, "diverged": True, "lr": self.opt.param_groups[0]["lr"]}
+            self._log(rec)
+            return rec
+        train_time = time.perf_counter() - t_epoch
+        self.epoch = number
+        evaluated = number % cfg.eval_every == 0 or number == cfg.epochs
+        ev = self.evaluate() if evaluated else {"train_clean_acc": None, f"train_robust_acc_{self.eval_key}": None,
+                                                 "test_clean_acc": None, f"test_robust_acc_{self.eval_key}": None}
+        rec = {"epoch": number, "lr": ep.lr, "te_weight": ep.te_weight, "train_loss": ep.loss / max(ep.seen, 1),
+               "train_adv_acc": ep.correct / max(ep.seen, 1), **ev, "step_ms": _mean(ep.step_ms),
+               "update_ms": _mean(ep.update_ms), "batch_ms": _mean(ep.batch_ms), "train_time_s": train_time}
+        if self.is_engm:
+            rec["engm_norm_mean"] = _mean(ep.engm_norm_means)
+        if self.monitor is not None:
+            rec["grad"] = self.monitor.end_epoch()
+        if ep.proxy_in:
+            rec["proxy_pearson_r"] = _pearson(torch.cat(ep.proxy_in), torch.cat(ep.proxy_exact))
+            rec["proxy_batch_r_mean"] = _mean(ep.batch_r)
+        if self.is_proxy:
+            rec["proxy_fit"] = self.opt.proxy_stats
+        self._log(rec)
+        robust = rec[f"test_robust_acc_{self.eval_key}"]
+        if robust is not None and robust > self.best_robust:
+            self.best_robust, self.best_epoch = robust, number
+            self.best_state = copy.deepcopy(self.model.state_dict())
+        if cfg.out and cfg.checkpoints:
+            self.checkpoint()
+        if self.bar is not None and self.announce:
+            self.bar.write(f"epoch {number}/{cfg.epochs}: {describe_epoch(rec, self.eval_key)}")
+        return rec
+
+    # -- the end -------------------------------------------------------------------------------------
+    def finish(self) -> dict:
+        """Evaluates the last and the best model by ``final_attacks``; writes ``results.json`` and
+        the plots (with ``cfg.out``); returns the results dict (see :func:`train`)."""
+        cfg = self.cfg
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        results = {"config": self.config, "history": self.history, "diverged": self.diverged,
+                   "best_epoch": self.best_epoch, "environment": environment(self.device),
+                   "final_attacks": {spec: parse_attack_spec(spec)[0].label for spec in cfg.final_attacks}}
+        unavailable = {a.name: attack_unavailable(a) for a in EVAL_ATTACKS.values()}
+        results["unavailable_attacks"] = {name: why for name, why in unavailable.items() if why is not None}
+        kept = self.step_ms[WARMUP_STEPS:] or self.step_ms
+        results["timing"] = {"step_ms_mean": _mean(kept), "n_steps": len(self.step_ms), "warmup_steps": WARMUP_STEPS}
+        if self.diverged is None or self.history[:-1]:
+            evaluate = lambda: final_evaluation(self.model, self.x_test, self.y_test, cfg.final_attacks,
+                                                cfg.eval_eps, cfg.norm)
+            results["final"] = evaluate()
+            if self.best_state is not None:
+                last_state = copy.deepcopy(self.model.state_dict())
+                self.model.load_state_dict(self.best_state)
+                results["best"] = {"epoch": self.best_epoch, **evaluate()}
+                self.model.load_state_dict(last_state)
+        results["wall_time_s"] = time.perf_counter() - self.t_start
+        if cfg.out:
+            with open(os.path.join(cfg.out, "results.json"), "w") as f:
+                json.dump(_jsonable(results), f, indent=1)
+            if cfg.plots:
+                plot_history(self.history, cfg.out, f"{cfg.dataset} {cfg.model} {cfg.method}{'+TE' if cfg.te else ''} "
+                             f"{cfg.optimizer}{' random labels' if cfg.random_labels else ''}", results.get("final"))
+        return results
+
+
+def describe_epoch(rec: dict, eval_key: str) -> str:
+    """One line for an epoch record: training loss and accuracy, and the test evaluation if any.
+
+    Example::
+
+        >>> describe_epoch({"train_loss": 1.5, "train_adv_acc": 0.4, "test_clean_acc": 0.9,
+        ...                 "test_robust_acc_pgd10": 0.5}, "pgd10")
+        'loss 1.500 adv-acc 0.400 | test clean 0.900 PGD-10 0.500'
+    """
+    if rec.get("diverged"):
+        return "stopped: non-finite loss"
+    msg = f"loss {rec['train_loss']:.3f} adv-acc {rec['train_adv_acc']:.3f}"
+    robust = rec.get(f"test_robust_acc_{eval_key}")
+    if robust is not None:
+        msg += f" | test clean {rec['test_clean_acc']:.3f} {eval_key.upper().replace('PGD', 'PGD-')} {robust:.3f}"
+    return msg
+
+
+def train(cfg: TrainConfig, data: Data | None = None) -> dict:
+    """Runs one adversarial-training run; returns (and writes, if ``cfg.out``) the results dict.
+
+    ``data`` optionally gives ``(x_train, y_train, x_test, y_test, num_classes)`` already loaded
+    (sweeps reuse it; an :class:`engm_fast.data.Splits` is one); subsets and random labels are
+    applied here as for a loaded set.
+
+    The results dict: ``config``, ``history`` (one dict per epoch, as in ``log.jsonl``),
+    ``final`` (last model: clean accuracy and one robust accuracy per final attack), ``best``
+    (the checkpoint with the best per-epoch PGD test accuracy, re-evaluated the same way),
+    ``final_attacks`` (the attacks run), ``diverged`` (epoch at which a non-finite loss
+    stopped training, or ``None``), ``timing`` (mean step time after the warm-up steps),
+    ``environment``, ``wall_time_s``.
+    """
+    run = TrainingRun(cfg, data)
+    while not run.done:
+        run.run_epoch()
+    return run.finish()
+
+
+def train_together(cfgs: Sequence[TrainConfig], data: Data | None = None,
+                   on_epoch: Callable[[list[dict | None]], None] | None = None) -> list[dict]:
+    """Runs several configurations epoch by epoch in turn (epoch 1 of each, then epoch 2 of
+    each, ...) and returns their :func:`train` results, in order.
+
+    Each run is exactly what :func:`train` would give it alone (its own generators and seeded
+    weights); interleaving only puts their step times close together in time, which matters
+    for a ratio of step times on a machine whose speed drifts. ``on_epoch`` gets each epoch's
+    records (``None`` for a run already over).
+
+    Example::
+
+        >>> kw = dict(epochs=1, train_subset=32, test_subset=16, eval_train_subset=None, train_steps=1, eval_steps=1,
+        ...           final_attacks=("pgd-1",), monitor=False, progress=False, out=None)
+        >>> a, b = train_together([TrainConfig(optimizer="msgd", **kw), TrainConfig(optimizer="engm", **kw)])
+        >>> a["config"]["optimizer"], b["config"]["optimizer"], len(b["history"])
+        ('msgd', 'engm', 1)
+    """
+    runs = [TrainingRun(cfg, data, announce=False) for cfg in cfgs]
+    while not all(run.done for run in runs):
+        records = [None if run.done else run.run_epoch() for run in runs]
+        if on_epoch is not None:
+            on_epoch(records)
+    return [run.finish() for run in runs]
 
 
 # --- command line ---------------------------------------------------------------------------------
@@ -653,8 +719,9 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "train", help="adversarial training (PGD-AT/TRADES/MART, MSGD/ENGM, TE, random labels)",
         description="Adversarial training with a per-epoch JSON log (OUT/log.jsonl), checkpoints, PNG plots "
-        "and a final PGD and (if torchattacks is installed) APGD evaluation. Unset options take the data "
-        "set's defaults (digits: eps 0.15, PGD-7, batch 64; CIFAR: eps 8/255, 10 steps of 2/255, batch 128).",
+        "and a final evaluation by a list of attacks (default: PGD and, if torchattacks is installed, APGD-CE). "
+        "Unset options take the data set's defaults (digits: eps 0.15, PGD-7, batch 64; CIFAR: eps 8/255, 10 steps "
+        "of 2/255, batch 128).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--dataset", choices=DATASETS, default="digits")
     p.add_argument("--data-dir", default=None, help="directory with the CIFAR python-pickle folder (no download)")
@@ -664,7 +731,7 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--te", action="store_true", help="temporal ensembling (a=0.9, W=300, es/ee = 90/150 of 200 epochs, scaled)")
     p.add_argument("--random-labels", action="store_true", help="train on uniformly random labels (seeded)")
     p.add_argument("--label-seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     p.add_argument("--lr", type=float, default=None, help="default: 0.07 MSGD / 0.7 ENGM on digits, 0.1 on CIFAR")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--weight-decay", type=float, default=None, help="default 5e-4; 0 with --random-labels")
@@ -672,7 +739,8 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--eps", type=float, default=None)
     p.add_argument("--alpha", type=float, default=None, help="attack step size")
     p.add_argument("--train-steps", type=int, default=None, help="attack steps in training")
-    p.add_argument("--eval-steps", type=int, default=20, help="PGD steps of the per-epoch and final evaluation")
+    p.add_argument("--eval-steps", type=int, default=TrainConfig.eval_steps,
+                   help="PGD steps of the per-epoch evaluation (and of the final PGD by default)")
     p.add_argument("--eval-eps", type=float, default=None, help="evaluation budget (default: --eps)")
     p.add_argument("--eval-every", type=int, default=1, help="evaluate every this many epochs (and the last)")
     p.add_argument("--norm", choices=PGD_NORMS, default="linf")
@@ -680,7 +748,10 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--test-subset", type=int, default=None)
     p.add_argument("--eval-train-subset", type=int, default=512, help="training examples evaluated by PGD each epoch (0: none)")
     p.add_argument("--no-monitor", action="store_true", help="no gradient statistics (plain MSGD backward)")
-    p.add_argument("--no-apgd", action="store_true", help="skip the torchattacks APGD evaluation")
+    p.add_argument("--final-attacks", nargs="+", default=None, metavar="ATTACK",
+                   help=f"attacks of the final evaluation, NAME or NAME-STEPS, NAME one of {' '.join(EVAL_ATTACKS)} "
+                   "(default: pgd-EVAL_STEPS and apgd-ce where torchattacks is installed)")
+    p.add_argument("--no-apgd", action="store_true", help="final evaluation by PGD only (no torchattacks APGD-CE)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
@@ -696,6 +767,11 @@ def run_train(args: argparse.Namespace) -> int:
     """Handler of ``engm-fast train``: builds a :class:`TrainConfig` from ``args`` and runs :func:`train`."""
     if args.threads:
         torch.set_num_threads(args.threads)
+    final_attacks = args.final_attacks
+    if args.no_apgd:
+        if final_attacks is not None:
+            raise ValueError("--no-apgd and --final-attacks: give one of them (list the attacks you want)")
+        final_attacks = (f"pgd-{args.eval_steps}",)
     cfg = TrainConfig(dataset=args.dataset, data_dir=args.data_dir, model=args.model, method=args.method,
                       optimizer=args.optimizer, te=args.te, random_labels=args.random_labels,
                       label_seed=args.label_seed, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
@@ -704,18 +780,16 @@ def run_train(args: argparse.Namespace) -> int:
                       eval_every=args.eval_every, norm=args.norm,
                       train_subset=args.train_subset, test_subset=args.test_subset,
                       eval_train_subset=args.eval_train_subset or None, monitor=not args.no_monitor,
-                      apgd=not args.no_apgd, seed=args.seed, device=args.device, out=args.out,
+                      final_attacks=None if final_attacks is None else tuple(final_attacks), seed=args.seed, device=args.device, out=args.out,
                       progress=not args.no_progress, resume=args.resume)
     res = train(cfg)
-    fin = res.get("final", {})
-    msg = (f"final: clean {fin.get('clean_acc', float('nan')):.4f}, PGD-{cfg.eval_steps} "
-           f"{fin.get('robust_acc_pgd', float('nan')):.4f}")
-    if "robust_acc_apgd" in fin:
-        msg += f", APGD-CE {fin['robust_acc_apgd']:.4f}"
+    msg = f"final: {describe_evaluation(res['final'])}" if res.get("final") else "final: no epoch trained"
     if res.get("best"):
-        msg += f" | best epoch {res['best']['epoch']}: PGD {res['best']['robust_acc_pgd']:.4f}"
+        msg += f" | best epoch {res['best']['epoch']}: {describe_evaluation(res['best'])}"
     if res["diverged"]:
         msg += f" | stopped: non-finite loss at epoch {res['diverged']}"
     print(msg)
+    for name, why in res["unavailable_attacks"].items():
+        print(f"not evaluated by {name}: {why}")
     print(f"wrote {os.path.join(args.out, 'log.jsonl')}, results.json, checkpoints and plots")
     return 0

@@ -36,12 +36,9 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["peak_step_memory", "round_robin_times"]
+from .._runtime import synchronize
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+__all__ = ["median_ratio", "peak_step_memory", "round_robin_times"]
 
 
 def round_robin_times(fns: dict[str, Callable[[], None]], device: torch.device, rounds: int, iters: int,
@@ -58,16 +55,16 @@ def round_robin_times(fns: dict[str, Callable[[], None]], device: torch.device, 
     for name in names:
         for _ in range(warmup):
             fns[name]()
-    _sync(device)
+    synchronize(device)
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(rounds):
         k = r % len(names)
         for name in names[k:] + names[:k]:
-            _sync(device)
+            synchronize(device)
             t0 = time.perf_counter()
             for _ in range(iters):
                 fns[name]()
-            _sync(device)
+            synchronize(device)
             times[name].append((time.perf_counter() - t0) / iters * 1e3)
         if progress is not None:
             progress(f"round {r + 1}/{rounds}")

@@ -6,6 +6,8 @@
   BasicBlocks [2, 2, 2, 2]), with ``norm="batch"`` or ``norm="group"`` (GroupNorm with 32
   groups, the variant that per-example methods which cannot handle BatchNorm can run).
   ``width`` scales the channels (64 at full size) so tests can use a tiny copy.
+* :class:`PreLNMLPBlock`: embedding, LayerNorm and a residual MLP on ``[B, T, 32]`` sequences,
+  mean-pooled (a LayerNorm model without attention, for the step-overhead benchmark).
 * :class:`TransformerBlock`: a pre-LN encoder block on token sequences, attention written with
   ``nn.Linear`` projections and ``F.scaled_dot_product_attention`` (the shape of most modern
   implementations; every peer that supports Linear, LayerNorm and Embedding can run it).
@@ -40,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["NORMS", "TransformerBlock", "bert_classifier", "cnn32", "convnext_classifier",
+__all__ = ["NORMS", "PreLNMLPBlock", "TransformerBlock", "bert_classifier", "cnn32", "convnext_classifier",
            "encoder_layer_classifier", "gpt2_lm", "llama_lm", "lstm_classifier", "mlp", "per_example_loss",
            "resnet18", "sequence_loss", "vit_classifier"]
 
@@ -135,6 +137,28 @@ def resnet18(norm: str = "group", width: int = 64, classes: int = 10) -> nn.Modu
     if not (isinstance(width, int) and width >= 1):
         raise ValueError(f"resnet18: width must be an int >= 1, got {width!r}")
     return _ResNet18(norm, width, classes)
+
+
+class PreLNMLPBlock(nn.Module):
+    """``x -> h = Linear(x) -> h + fc2(gelu(fc1(LN(h)))) -> mean over T -> head``, inputs ``[B, T, d_in]``.
+
+    Example::
+
+        >>> PreLNMLPBlock(d_in=8, d=16)(torch.zeros(2, 5, 8)).shape
+        torch.Size([2, 10])
+    """
+
+    def __init__(self, d_in: int = 32, d: int = 128, classes: int = 10):
+        super().__init__()
+        self.embed = nn.Linear(d_in, d)
+        self.norm = nn.LayerNorm(d)
+        self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        h = h + self.fc2(F.gelu(self.fc1(self.norm(h))))
+        return self.head(h.mean(1))
 
 
 class TransformerBlock(nn.Module):

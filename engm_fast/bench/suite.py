@@ -109,8 +109,8 @@ def cases_for(device: str, quick: bool) -> dict[str, Case]:
 
     Example::
 
-        >>> sorted(cases_for("cpu", quick=True))[:3]
-        ['cnn', 'mlp', 'pgd10_cnn']
+        >>> sorted(cases_for("cpu", quick=True))[:4]
+        ['bert', 'cnn', 'convnext', 'encoder_layer']
     """
     if quick:
         width, b_res, b_cnn, b_mlp = 16, 16, 16, 64

@@ -133,7 +133,8 @@ def engine_of(model: nn.Module) -> "PerExampleEngine | None":
 
 
 def release(model: nn.Module) -> None:
-    """Removes ``model``'s engine: its hooks and replaced forwards (no-op when none is attached).
+    """Removes ``model``'s engine: its hooks, replaced forwards and the hooks tied to it
+    (:meth:`PerExampleEngine.tie_hook`, e.g. ENGM's input-proxy hook); no-op when none is attached.
 
     Example:
         >>> import torch, engm_fast
@@ -476,8 +477,24 @@ class PerExampleEngine(SharedOps):
             self._batch_dim = self._layout_stack.pop()
         return None
 
+    def tie_hook(self, handle) -> None:
+        """Removes the hook ``handle`` (registered on the model by a user of this engine, such as
+        ENGM's input-proxy pre-hook) when the engine is removed.
+
+        Example:
+            >>> import torch, engm_fast
+            >>> model = torch.nn.Linear(3, 2)
+            >>> calls = []
+            >>> engm_fast.attach(model).tie_hook(model.register_forward_pre_hook(lambda m, a: calls.append(1)))
+            >>> engm_fast.release(model)
+            >>> _ = model(torch.zeros(1, 3)); calls
+            []
+        """
+        self._handles.append(handle)
+
     def remove(self) -> None:
-        """Removes the hooks and restores replaced forwards (the engine is unusable afterwards)."""
+        """Removes the hooks (the tied ones too) and restores replaced forwards (the engine is
+        unusable afterwards)."""
         for h in self._handles:
             h.remove()
         self._handles.clear()
@@ -794,8 +811,10 @@ def _positionwise_layout(output: torch.Tensor, args: tuple, B: int, context_dim:
     """How a position-wise call (Linear, LayerNorm, ...) holds the batch when not first: 1
     (time-major ``[T, B, ...]``), ``"flat"``/``"flat_t"`` (a flattened ``[B * k, ...]``), or 0."""
     x = _first_tensor(args)
-    if x is None or output.dim() == 0 or x.dim() == 0:
-        return 0
+    if x is None or output.dim() == 0 or x.dim() == 0 or not x.is_floating_point():
+        # Integer inputs (ids) are left to the shared-tensor logic: T5's [T, T] bucket ids would
+        # look like a flattened or time-major batch. Time-major ids: engine.batch_dim(1).
+        return 1 if (x is not None and context_dim == 1 and output.dim() >= 2 and output.shape[1] == B) else 0
     if output.dim() >= 2 and output.shape[1] == B and (
             context_dim == 1 or (output.shape[0] not in (1, B) and x.dim() >= 2 and x.shape[1] == B)):
         return 1
@@ -870,14 +889,18 @@ def _unbatched_message(losses: SharedTensor) -> str:
             "dimension 0 of every layer")
 
 
-def _check_losses(losses) -> int:
+def _check_losses(losses, allow_empty: bool = False) -> int:
+    """The batch size of valid per-example losses. One exception type per kind of bad input,
+    shared by the engine, ``per_example_grad_norms`` and ``ENGM.backward``: ``TypeError`` for
+    what is not a floating-point tensor, ``ValueError`` for a wrong shape, an empty batch
+    (unless ``allow_empty``: a DDP rank with no examples) or losses without a graph."""
     if not isinstance(losses, torch.Tensor):
         raise TypeError(f"losses must be a tensor of per-example losses [B], got {type(losses).__name__}")
     if losses.dim() != 1:
         raise ValueError(
             f"losses must be 1-D (one loss per example, e.g. reduction='none'), got shape {tuple(losses.shape)}"
         )
-    if losses.shape[0] == 0:
+    if losses.shape[0] == 0 and not allow_empty:
         raise ValueError("losses is empty (batch of 0 examples): nothing to compute")
     if not losses.is_floating_point():
         raise TypeError(f"losses must be floating point, got {losses.dtype}")

@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..demo import make_model as small_cnn
 from .preact_resnet import PreActBlock, PreActResNet, preact_resnet18
+from .small_cnn import small_cnn
 from .wide_resnet import WideBasic, WideResNet, wide_resnet34_10
 
 __all__ = ["MODELS", "PreActBlock", "PreActResNet", "WideBasic", "WideResNet", "make_model", "preact_resnet18",
@@ -35,7 +35,7 @@ def make_model(name: str, num_classes: int = 10, in_channels: int | None = None,
 
     ``in_channels`` defaults to 1 for ``small_cnn`` and 3 for the CIFAR models.
 
-    ``"small_cnn"`` is the demo's CNN for ``[N, 1, 8, 8]`` inputs and 10 classes only.
+    ``"small_cnn"`` (:mod:`engm_fast.models.small_cnn`) is for ``[N, 1, 8, 8]`` inputs and 10 classes only.
 
     Example::
 

@@ -1,27 +1,28 @@
-"""delta-SAM: SAM whose ascent step uses a per-instance reweighted gradient.
+"""delta-SAM: SAM whose ascent step uses a per-example reweighted gradient.
 
 Zhou et al., "Sharpness-Aware Minimization with Dynamic Reweighting" (Findings of EMNLP 2022,
 arXiv 2112.08772) replace SAM's batch ascent gradient by ``g_w = sum_i p_i g_i`` with weights
-that favour the instances whose loss is most sensitive to a weight perturbation, estimated
+that favour the examples (instances) whose loss is most sensitive to a weight perturbation, estimated
 cheaply with a few forward passes at random Gaussian weight perturbations. The paper's exact
 weight formula was not accessible to us: **what follows is our reconstruction**, with every
 choice exposed.
 
 Step at weights ``w`` on a batch with per-example losses ``L_i``:
 
-1. scores ``s_i``:
+1. scores ``s_i`` (``score_source=``):
 
-   * ``weighting="perturbation"`` (reconstruction of the paper's estimate)::
+   * ``"perturbation"`` (reconstruction of the paper's estimate)::
 
          s_i = (1/K) sum_k [ L_i(w + delta_k) - L_i(w) ],   delta_k ~ N(0, noise_scale^2 I)
 
      with ``K = n_perturb`` forward passes without gradient (every parameter of the optimizer
      is perturbed elementwise, independently per pass);
-   * ``weighting="grad_norm"`` (exact alternative from our engine): ``s_i = ||g_i||``, the
+   * ``"grad_norm"`` (exact alternative from our engine): ``s_i = ||g_i||``, the
      per-example gradient norm over the optimizer's parameters, from the same single backward
      that also gives ``g_w`` (:mod:`engm_fast.engine`).
 
-2. weights ``p = softmax(z / temperature)`` with ``z = (s - mean s) / (std s + 1e-12)`` when
+2. weights ``p = softmax(z / temperature)`` (:func:`~engm_fast.optim.softmax_example_weights`)
+   with ``z = (s - mean s) / (std s + 1e-12)`` when
    ``standardize=True`` (default: the temperature is then unit-free; a constant score gives
    uniform weights, i.e. plain SAM), else ``z = s``. ``temperature -> inf`` is SAM.
 3. ascent ``e = rho * g_w / ||g_w||`` (ASAM scaling with ``adaptive=True``), descent gradient of
@@ -40,50 +41,30 @@ import torch.nn as nn
 
 from ..engine import attach
 from .sam import SAM, frozen_bn_stats
+from .weighting import softmax_example_weights
 
-__all__ = ["DeltaSAM", "instance_weights"]
+__all__ = ["DeltaSAM"]
 
-_WEIGHTINGS = ("perturbation", "grad_norm")
-
-
-def instance_weights(scores: torch.Tensor, temperature: float = 1.0, standardize: bool = True) -> torch.Tensor:
-    """delta-SAM's instance weights ``softmax(z / temperature)`` from sensitivity scores ``[B]``.
-
-    ``z`` is the standardized score ``(s - mean) / (std + 1e-12)`` (population std) when
-    ``standardize``, else ``s``. The weights are positive and sum to 1.
-
-    Example:
-        >>> import torch
-        >>> w = instance_weights(torch.tensor([0.0, 1.0]), temperature=1.0, standardize=False)
-        >>> [round(float(v), 4) for v in w]
-        [0.2689, 0.7311]
-    """
-    if not isinstance(scores, torch.Tensor) or scores.dim() != 1 or scores.numel() == 0:
-        shape = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
-        raise ValueError(f"scores must be a non-empty 1-D tensor [B], got {shape}")
-    if not (isinstance(temperature, (int, float)) and temperature > 0):
-        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
-    s = scores.detach().double()
-    if not bool(torch.isfinite(s).all()):
-        raise FloatingPointError(f"{int((~torch.isfinite(s)).sum())} instance score(s) are not finite")
-    if standardize:
-        s = (s - s.mean()) / (s.std(unbiased=False) + 1e-12)
-    return torch.softmax(s / temperature, dim=0).to(scores.dtype if scores.is_floating_point() else torch.float32)
+SCORE_SOURCES = ("perturbation", "grad_norm")
 
 
 class DeltaSAM(SAM):
-    """SAM with a per-instance reweighted ascent gradient (delta-SAM; our reconstruction).
+    """SAM with a per-example reweighted ascent gradient (delta-SAM; our reconstruction).
 
     Args:
         params, base_optimizer, rho, adaptive, **kwargs: as :class:`SAM`.
-        model: the model (required for ``weighting="grad_norm"``, whose engine attaches here,
+        model: the model (required for ``score_source="grad_norm"``, whose engine attaches here,
             before the forward; optional otherwise, used for :func:`frozen_bn_stats`).
-        weighting: ``"perturbation"`` or ``"grad_norm"`` (see the module docstring).
+        score_source: where the per-example scores come from, ``"perturbation"`` or
+            ``"grad_norm"`` (see the module docstring; ENGM's ``norm_source`` is the same idea).
         temperature: softmax temperature of the weights (> 0; large -> SAM).
         noise_scale: standard deviation of the Gaussian weight perturbation (``"perturbation"``).
         n_perturb: number of perturbed forward passes per step (``"perturbation"``).
         standardize: standardize scores before the softmax.
-        generator: optional ``torch.Generator`` for the perturbations (reproducible draws).
+        generator: optional ``torch.Generator`` for the perturbations (reproducible draws). Its
+            state is part of :meth:`state_dict`, so a resumed run draws what the uninterrupted
+            one would; without one the draws come from torch's global generator (save
+            ``torch.get_rng_state()`` yourself then).
 
     The closure of :meth:`step` returns the **per-example** losses ``[B]`` of the batch (no
     backward, no zero_grad: the optimizer does both). It is called ``n_perturb + 2`` times for
@@ -93,13 +74,17 @@ class DeltaSAM(SAM):
     model in a fixed-mask mode if that matters. Diagnostics of the last step:
     ``last_scores`` and ``last_weights``.
 
+    Explicit use, as with :class:`SAM`: ``opt.first_step(losses=losses, closure=closure)``
+    (the losses at ``w``; no backward before it), the backward at ``w + e``, then
+    ``opt.second_step()``.
+
     Example:
         >>> import torch
         >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
         <...>
         >>> model = torch.nn.Linear(3, 2)
         >>> x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
-        >>> opt = DeltaSAM(model.parameters(), torch.optim.SGD, model=model, lr=0.1, weighting="grad_norm")
+        >>> opt = DeltaSAM(model.parameters(), torch.optim.SGD, model=model, lr=0.1, score_source="grad_norm")
         >>> closure = lambda: torch.nn.functional.cross_entropy(model(x), y, reduction="none")
         >>> loss = opt.step(closure)
         >>> opt.last_weights.shape, round(float(opt.last_weights.sum()), 6)
@@ -107,23 +92,25 @@ class DeltaSAM(SAM):
     """
 
     def __init__(self, params, base_optimizer, rho: float = 0.05, adaptive: bool = False,
-                 model: nn.Module | None = None, weighting: str = "perturbation", temperature: float = 1.0,
+                 model: nn.Module | None = None, score_source: str = "perturbation", temperature: float = 1.0,
                  noise_scale: float = 0.01, n_perturb: int = 1, standardize: bool = True,
                  generator: torch.Generator | None = None, **kwargs):
-        if weighting not in _WEIGHTINGS:
-            raise ValueError(f"weighting must be one of {_WEIGHTINGS}, got {weighting!r}")
+        if score_source not in SCORE_SOURCES:
+            raise ValueError(f"score_source must be one of {SCORE_SOURCES}, got {score_source!r}")
         if not (isinstance(temperature, (int, float)) and temperature > 0):
             raise ValueError(f"temperature must be a positive number, got {temperature!r}")
         if not (isinstance(noise_scale, (int, float)) and noise_scale > 0):
             raise ValueError(f"noise_scale must be a positive number, got {noise_scale!r}")
         if not (isinstance(n_perturb, int) and n_perturb >= 1):
             raise ValueError(f"n_perturb must be an int >= 1, got {n_perturb!r}")
-        if weighting == "grad_norm" and model is None:
-            raise ValueError("weighting='grad_norm' needs model=... (the per-example engine attaches to it)")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        if score_source == "grad_norm" and model is None:
+            raise ValueError("score_source='grad_norm' needs model=... (the per-example engine attaches to it)")
         super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, model=model, **kwargs)
-        self.weighting, self.temperature, self.noise_scale = weighting, temperature, noise_scale
+        self.score_source, self.temperature, self.noise_scale = score_source, temperature, noise_scale
         self.n_perturb, self.standardize, self.generator = n_perturb, standardize, generator
-        self.engine = attach(model) if weighting == "grad_norm" else None
+        self.engine = attach(model) if score_source == "grad_norm" else None
         self.last_scores: torch.Tensor | None = None
         self.last_weights: torch.Tensor | None = None
 
@@ -176,35 +163,47 @@ class DeltaSAM(SAM):
         return (total / self.n_perturb).to(base.dtype)
 
     # -- the ascent half step ------------------------------------------------------------------
-    def first_step(self, losses: torch.Tensor, closure: Callable | None = None, zero_grad: bool = False) -> torch.Tensor:
-        """Computes the instance weights, writes ``g_w = sum_i p_i g_i`` into ``.grad`` (replacing
+    def first_step(self, zero_grad: bool = False, *, losses: torch.Tensor | None = None,
+                   closure: Callable | None = None) -> torch.Tensor:
+        """Computes the example weights, writes ``g_w = sum_i p_i g_i`` into ``.grad`` (replacing
         what was there) and moves to ``w + e``. Returns the weights ``[B]``.
 
+        Called as :meth:`SAM.first_step` (``zero_grad`` first), plus what the reweighting needs:
+
         Args:
+            zero_grad: clear ``.grad`` after the ascent (before the backward at ``w + e``).
             losses: ``[B]`` per-example losses at ``w`` with their graph (for ``"grad_norm"``,
                 from a forward made after the engine attached, i.e. after building the optimizer).
+                Required: ``first_step()`` alone, after ``loss.backward()`` as with SAM, would
+                have only the batch gradient, whose ascent is SAM's, not delta-SAM's.
             closure: returns the ``[B]`` losses of the same batch (needed by ``"perturbation"``).
-            zero_grad: clear ``.grad`` after the ascent (before the backward at ``w + e``).
         """
         self._check_not_ascended()  # before anything is written
+        if not isinstance(zero_grad, bool):
+            raise TypeError(f"zero_grad must be a bool, got {type(zero_grad).__name__} (pass the per-example losses "
+                            "as first_step(losses=..., closure=...))")
+        if losses is None:
+            raise ValueError("DeltaSAM.first_step needs losses=... (the per-example losses [B] at w, with their "
+                             "graph; and closure=... for score_source='perturbation'): the example weights come "
+                             "from them. For SAM's ascent on the gradient in .grad, use SAM")
         if not isinstance(losses, torch.Tensor) or losses.dim() != 1:
             shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
             raise ValueError(f"losses must be the 1-D per-example losses [B], got {shape}")
         params = self._params()
-        if self.weighting == "grad_norm":
+        if self.score_source == "grad_norm":
             grads = self.engine.backward(losses, params)
             scores = grads.sqnorms().sqrt()
-            weights = instance_weights(scores, self.temperature, self.standardize)
+            weights = softmax_example_weights(scores, self.temperature, self.standardize)
             new = grads.weighted_grads(weights.to(scores.dtype))
             for p in params:
                 g = new.get(p)
                 p.grad = None if g is None else g
         else:
             if closure is None:
-                raise ValueError("weighting='perturbation' needs the closure (per-example losses of the batch) "
+                raise ValueError("score_source='perturbation' needs the closure (per-example losses of the batch) "
                                  "to evaluate the losses at perturbed weights")
             scores = self.perturbation_scores(losses, closure)
-            weights = instance_weights(scores, self.temperature, self.standardize)
+            weights = softmax_example_weights(scores, self.temperature, self.standardize)
             total = (losses * weights.to(losses.dtype)).sum()
             gs = torch.autograd.grad(total, params, allow_unused=True)
             for p, g in zip(params, gs):
@@ -223,7 +222,7 @@ class DeltaSAM(SAM):
         self.zero_grad()
         with torch.enable_grad():
             losses = closure()
-        self.first_step(losses, closure, zero_grad=True)
+        self.first_step(True, losses=losses, closure=closure)
         paused = self.engine.paused() if self.engine is not None else contextlib.nullcontext()
         bn = frozen_bn_stats(self.model) if self.model is not None else contextlib.nullcontext()
         with paused, bn, torch.enable_grad():
@@ -233,3 +232,24 @@ class DeltaSAM(SAM):
             second.mean().backward()
         self.second_step()
         return losses.detach().mean()
+
+    # -- state ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The base optimizer's state plus ``"delta_sam"``: the perturbation generator's state
+        (``None`` without a generator), so that a resumed run draws the same perturbations."""
+        state = super().state_dict()
+        state["delta_sam"] = {"generator": None if self.generator is None else self.generator.get_state()}
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restores :meth:`state_dict`'s content (a state without ``"delta_sam"``, e.g. a plain
+        SAM one, keeps the current generator)."""
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("delta_sam", None)
+        saved = None if extra is None else extra["generator"]
+        if saved is not None and self.generator is None:
+            raise ValueError("DeltaSAM.load_state_dict: the state holds a perturbation generator but this optimizer "
+                             "has none; build it with generator=torch.Generator() to resume the same draws")
+        super().load_state_dict(state_dict)
+        if saved is not None:
+            self.generator.set_state(saved)

@@ -16,6 +16,7 @@ per-example input-gradient norms through an affine fit to exact norms refreshed 
 """
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Iterable
 
@@ -24,6 +25,7 @@ import torch.nn as nn
 
 from .. import ops
 from ..engine import attach
+from ..engine.engine import _check_losses
 from ..reference import accumulation_dtype
 from .distributed import StepSums, _reduce_step_sums, ddp_of
 from .proxy import ProxyCalibration
@@ -35,18 +37,50 @@ _NORM_SOURCES = ("exact", "input_proxy")
 _NONFINITE = ("raise", "drop")
 
 
+def _check_lr(lr) -> None:
+    """A learning rate as torch.optim takes it: a number or a 1-element tensor, >= 0."""
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"Tensor lr must be 1-element, got shape {tuple(lr.shape)}")
+        if not lr.is_floating_point():
+            raise TypeError(f"Tensor lr must be floating point, got {lr.dtype}")
+        value = float(lr)
+    elif isinstance(lr, (int, float)) and not isinstance(lr, bool):
+        value = float(lr)
+    else:
+        raise TypeError(f"lr must be a number or a 1-element tensor, got {type(lr).__name__}")
+    if not (value >= 0 and math.isfinite(value)):
+        raise ValueError(f"Invalid learning rate: {lr!r}")
+
+
 class ENGM(torch.optim.Optimizer):
     """Example-normalized SGD with momentum; a drop-in for ``torch.optim.SGD``.
 
     Replace ``loss.mean().backward()`` by ``opt.backward(losses)`` with the per-example losses.
+
+    How it differs from ``torch.optim.SGD``:
+
+    * it takes the model, not its parameters, first (the per-example engine attaches to the
+      model); ``params=`` chooses the parameters (default: every trainable one);
+    * the gradient comes from :meth:`backward`: ``.grad`` holds ``(1/B) sum_i w_i g_i``, the
+      reweighted mean of the per-example gradients, not ``(1/B) sum_i g_i``;
+      ``weighting="power", power=0`` makes it SGD's gradient again (MSGD);
+    * every option after ``lr`` is keyword-only (SGD's ``momentum``, ``dampening``,
+      ``weight_decay`` and ``nesterov`` are positional there);
+    * the step always runs the fused :func:`engm_fast.ops.sgd_momentum_update_` (the same
+      arithmetic as SGD's): there are no ``foreach``, ``fused``, ``maximize``, ``differentiable``
+      or ``capturable`` options, and a tensor ``lr`` is read as a number at every step (it may
+      change between steps, as with SGD, but cannot be captured in a CUDA graph).
 
     Args:
         model: the model whose forward produces the losses (the engine attaches to it here, so
             build the optimizer before the forward). A ``DistributedDataParallel`` model makes
             every ``backward`` reduce over the ranks (see :meth:`backward`); a torch.compile'd
             model works (not with ``fullgraph=True``).
-        lr, momentum, dampening, nesterov, weight_decay: as ``torch.optim.SGD``.
-        weighting: ``"normalize"`` (``1/(||g_i||+eps)``), ``"clip"`` (``min(1, clip_norm/||g_i||)``)
+        lr: learning rate, a number or a 1-element tensor (as ``torch.optim.SGD``).
+        momentum, dampening, nesterov, weight_decay: as ``torch.optim.SGD``.
+        weighting: the weight ``w_i = phi(||g_i||)`` of example ``i`` (:func:`example_weights`):
+            ``"normalize"`` (``1/(||g_i||+eps)``), ``"clip"`` (``min(1, clip_norm/||g_i||)``)
             or ``"power"`` (``(||g_i||+eps)^-power``; 0 is MSGD, 1 is normalize).
         eps: added to norms by ``"normalize"`` and ``"power"`` (an all-zero gradient gets ``1/eps``).
         clip_norm: the clipping threshold of ``"clip"``.
@@ -57,8 +91,12 @@ class ENGM(torch.optim.Optimizer):
             ``model``); norms are taken over these parameters.
         nonfinite: ``"raise"`` (default) on non-finite losses or norms, naming how many and which;
             ``"drop"`` removes those examples from the step (``last_dropped`` lists them).
-        track_variance: also compute the gradient variance diagnostic (one more weighted
-            reduction per layer, about one extra weight-gradient GEMM).
+        track_variance: also compute the diagnostics ``grad_variance`` and ``grad_sqnorm``
+            (``||(1/B) sum_i g_i||^2``): one more weighted reduction per layer, about one extra
+            weight-gradient GEMM.
+
+    With ``norm_source="input_proxy"`` the optimizer registers a forward pre-hook on the model
+    (it keeps the input for the proxy); :func:`engm_fast.release` removes it with the engine.
 
     Example:
         >>> import torch, torch.nn.functional as F, engm_fast
@@ -70,10 +108,10 @@ class ENGM(torch.optim.Optimizer):
         >>> norms = opt.backward(losses)      # instead of losses.mean().backward()
         >>> opt.step()
         >>> sorted(opt.diagnostics)[:2]
-        ['grad_variance', 'n_dropped']
+        ['grad_sqnorm', 'grad_variance']
     """
 
-    def __init__(self, model: nn.Module, lr: float, momentum: float = 0.0, dampening: float = 0.0,
+    def __init__(self, model: nn.Module, lr: float | torch.Tensor, *, momentum: float = 0.0, dampening: float = 0.0,
                  nesterov: bool = False, weight_decay: float = 0.0, weighting: str = "normalize",
                  eps: float = 1e-6, clip_norm: float | None = None, power: float | None = None,
                  norm_source: str = "exact", calibrate_every: int = 50,
@@ -81,8 +119,7 @@ class ENGM(torch.optim.Optimizer):
         if not isinstance(model, nn.Module):
             raise TypeError(f"ENGM needs the model (an nn.Module) first, got {type(model).__name__}; "
                             "pass parameters with params=...")
-        if not (isinstance(lr, (int, float)) and lr >= 0):
-            raise ValueError(f"Invalid learning rate: {lr!r}")
+        _check_lr(lr)
         if momentum < 0:
             raise ValueError(f"Invalid momentum value: {momentum}")
         if weight_decay < 0:
@@ -113,12 +150,16 @@ class ENGM(torch.optim.Optimizer):
         self.proxy = ProxyCalibration()
         self.backward_steps = 0
         self.last_dropped: list[int] = []
-        self.diagnostics: dict = {}
+        self._diagnostics: dict = {}
+        self._lazy_diagnostics: tuple | None = None  # tensors of the last fast step, read on demand
         self._last_input: torch.Tensor | None = None
         self._ddp = ddp
         self._pending: StepSums | None = None  # this rank's sums accumulated under DDP's no_sync()
+        # The input proxy's hook lives as long as the engine: release(model) removes both.
+        self._input_hook = None
         if norm_source == "input_proxy":
-            model.register_forward_pre_hook(self._keep_input)
+            self._input_hook = model.register_forward_pre_hook(self._keep_input)
+            self.engine.tie_hook(self._input_hook)
 
     # -- helpers ---------------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
@@ -230,9 +271,11 @@ class ENGM(torch.optim.Optimizer):
             calibrated proxy estimate), float32 (float64 for a float64 model); this rank's
             examples under DDP.
         """
-        if not isinstance(losses, torch.Tensor) or losses.dim() != 1:
-            shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
-            raise ValueError(f"losses must be a 1-D tensor of per-example losses [B], got {shape}")
+        # The same checks and exception types as per_example_grad_norms; an empty batch is
+        # allowed under DDP (a rank with no examples still takes part in the reduction).
+        _check_losses(losses, allow_empty=self._ddp is not None)
+        if input_grad_norms is not None and not isinstance(input_grad_norms, torch.Tensor):
+            raise TypeError(f"input_grad_norms must be a tensor [B], got {type(input_grad_norms).__name__}")
         if input_grad_norms is not None and self.norm_source != "input_proxy":
             raise ValueError("input_grad_norms is only used with norm_source='input_proxy'")
         if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
@@ -241,7 +284,12 @@ class ENGM(torch.optim.Optimizer):
                  or self.backward_steps % self.calibrate_every == 0)
         ddp = self._ddp
         if ddp is None:
-            part = self._local(losses, input_grad_norms, scaler, exact, normalize=True)
+            precomputed = None
+            if self.norm_source == "exact" and (scaler is None or not scaler.is_enabled()) and losses.shape[0]:
+                norms, precomputed = self._fast_exact(losses)
+                if norms is not None:
+                    return norms
+            part = self._local(losses, input_grad_norms, scaler, exact, normalize=True, precomputed=precomputed)
             self._apply(part)
             return part.local_norms
         try:
@@ -266,8 +314,64 @@ class ENGM(torch.optim.Optimizer):
         self._apply(total)
         return part.local_norms
 
-    def _local(self, losses: torch.Tensor, input_grad_norms, scaler, exact: bool, normalize: bool) -> StepSums:
-        """This rank's sums for one batch; ``normalize`` divides them by the kept count (no DDP)."""
+    def _fast_exact(self, losses: torch.Tensor):
+        """One process, exact norms, no GradScaler: one engine backward and ONE host
+        synchronization (are every loss and norm finite?); diagnostics are left as tensors and
+        only read on demand. Returns ``(norms, None)`` after writing ``.grad``, or ``(None,
+        (grads, norms))`` when something is not finite: the careful path (:meth:`_local`) then
+        raises or drops as ``nonfinite`` says, from the same backward."""
+        grads = self.engine.backward(losses, self._params())
+        norms = grads.sqnorms().sqrt()
+        if not bool(torch.isfinite(norms).all() & torch.isfinite(losses.detach()).all()):
+            return None, (grads, norms)
+        B = losses.shape[0]
+        phi = example_weights(norms, self.weighting, self.eps, self.clip_norm, self.power)
+        sums = grads.weighted_grads(phi / B)  # every gradient computed before any .grad is written
+        plain = grads.weighted_grads(torch.full_like(norms, 1.0 / B)) if self.track_variance else None
+        self.backward_steps += 1
+        self._write_grads(sums)
+        self.last_dropped = []
+        self._lazy_diagnostics = (norms.detach(), phi.detach(), plain)
+        self._diagnostics = {}
+        return norms, None
+
+    def _write_grads(self, sums: dict) -> None:
+        for p, g in sums.items():
+            if p.grad is None:
+                p.grad = g.detach()
+            else:
+                p.grad.add_(g)
+
+    @property
+    def diagnostics(self) -> dict:
+        """Statistics of the last :meth:`backward` (global under DDP): ``norm_mean``,
+        ``norm_max``, ``norm_min`` (per-example gradient norms), ``weight_mean``, ``n_dropped``,
+        ``overflow``, and with ``track_variance=True`` ``grad_variance`` and ``grad_sqnorm``
+        (``||mean g||^2``). Computed when read: reading it costs a host synchronization, a step
+        that does not read it has none beyond its finiteness check."""
+        if self._lazy_diagnostics is not None:
+            norms, phi, plain = self._lazy_diagnostics
+            self._lazy_diagnostics = None
+            n = norms.double()
+            stats = torch.stack([n.mean(), n.max(), n.min(), phi.double().mean(), n.pow(2).mean()]).tolist()
+            variance = mean_sq = None
+            if plain is not None:
+                mean_sq = sum(float(g.double().pow(2).sum()) for g in plain.values())
+                variance = stats[4] - mean_sq
+            self._diagnostics = {"norm_mean": stats[0], "norm_max": stats[1], "norm_min": stats[2],
+                                 "weight_mean": stats[3], "grad_variance": variance, "grad_sqnorm": mean_sq,
+                                 "n_dropped": 0, "overflow": False}
+        return self._diagnostics
+
+    @diagnostics.setter
+    def diagnostics(self, value: dict) -> None:
+        self._lazy_diagnostics = None
+        self._diagnostics = value
+
+    def _local(self, losses: torch.Tensor, input_grad_norms, scaler, exact: bool, normalize: bool,
+               precomputed: tuple | None = None) -> StepSums:
+        """This rank's sums for one batch; ``normalize`` divides them by the kept count (no DDP).
+        ``precomputed``: the engine's gradients and norms from :meth:`_fast_exact`'s backward."""
         acc = accumulation_dtype(losses.dtype) if losses.is_floating_point() else torch.float32
         if losses.shape[0] == 0 and not normalize:
             # A DDP rank with no examples this step still takes part in the reduction.
@@ -297,10 +401,17 @@ class ENGM(torch.optim.Optimizer):
         params = self._params()
         dropping = not bool(keep.all())
         if exact:
-            grads = self.engine.backward(losses, params, loss_weights=keep.to(losses.dtype) if dropping else None)
-            if dropping:
-                grads = grads.zero_examples(~keep)
-            norms = grads.sqnorms().sqrt()
+            if precomputed is not None:
+                grads, norms = precomputed
+                if dropping:  # examples' contributions are separate rows: zeroing drops them exactly
+                    grads = grads.zero_examples(~keep)
+                    norms = grads.sqnorms().sqrt()
+            else:
+                grads = self.engine.backward(losses, params,
+                                             loss_weights=keep.to(losses.dtype) if dropping else None)
+                if dropping:
+                    grads = grads.zero_examples(~keep)
+                norms = grads.sqnorms().sqrt()
             if scale != 1.0:
                 norms = norms / scale
             finite = torch.isfinite(torch.where(keep, norms, 0.0))
@@ -330,6 +441,9 @@ class ENGM(torch.optim.Optimizer):
             total = (losses * w.to(losses.dtype)).sum()
             grads_list = torch.autograd.grad(total, params, allow_unused=True)
             part.sums = {p: g for p, g in zip(params, grads_list) if g is not None}
+            if not part.sums:
+                raise ValueError("losses have no graph to the optimizer's parameters (losses from another model?); "
+                                 "nothing was written")
         else:
             # Dropped examples may carry NaN activations: 0 * NaN in the batch's weight-gradient
             # GEMM would poison every parameter, so go through the engine and zero them exactly.
@@ -358,17 +472,14 @@ class ENGM(torch.optim.Optimizer):
                 else:
                     p.grad.fill_(float("nan"))
             self.diagnostics = {"norm_mean": float("nan"), "norm_max": float("nan"), "norm_min": float("nan"),
-                                "weight_mean": float("nan"), "grad_variance": None, "n_dropped": 0, "overflow": True}
+                                "weight_mean": float("nan"), "grad_variance": None, "grad_sqnorm": None,
+                                "n_dropped": 0, "overflow": True}
             return
-        for p, g in part.sums.items():
-            if p.grad is None:
-                p.grad = g.detach()
-            else:
-                p.grad.add_(g)
+        self._write_grads(part.sums)
         if part.pairs:
             self.proxy.update(torch.cat([x.double().cpu() for x, _ in part.pairs]),
                               torch.cat([y.double().cpu() for _, y in part.pairs]))
-        variance = None
+        variance = mean_sq = None
         if part.plain is not None:
             mean_sq = sum(float((g.double() / part.scale).pow(2).sum()) for g in part.plain.values())
             variance = part.sum_sq / part.n - mean_sq
@@ -378,6 +489,7 @@ class ENGM(torch.optim.Optimizer):
             "norm_min": part.min_norm,
             "weight_mean": part.sum_phi / part.n,
             "grad_variance": variance,
+            "grad_sqnorm": mean_sq,
             "n_dropped": part.n_dropped,
             "overflow": False,
         }

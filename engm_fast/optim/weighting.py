@@ -1,10 +1,20 @@
-"""Per-example weights ``w_i = phi(||g_i||)`` of the ENGM family (DESIGN.md section 2).
+"""Per-example weights: the one vocabulary of the optimizers that reweight examples.
+
+An optimizer of :mod:`engm_fast.optim` that reweights examples computes one statistic per
+example and turns it into the example's weight. ``weighting=`` names that map (ENGM's
+``"normalize"``, ``"clip"``, ``"power"``); where the statistic comes from is ``*_source=``
+(ENGM's ``norm_source``, delta-SAM's ``score_source``).
+
+:func:`example_weights` ``w_i = phi(||g_i||)``, the ENGM family (DESIGN.md section 2):
 
 * ``"normalize"`` (default): ``w_i = 1 / (||g_i|| + eps)``: every example contributes a unit
   direction; an all-zero gradient gets the finite weight ``1/eps``.
 * ``"clip"``: ``w_i = min(1, c / ||g_i||)`` (per-example clipping at ``clip_norm = c``).
 * ``"power"``: ``w_i = (||g_i|| + eps)^(-p)``: ``p = 0`` is plain momentum SGD (MSGD),
   ``p = 1`` is ``"normalize"``.
+
+:func:`softmax_example_weights` ``p = softmax(z / temperature)`` of standardized scores,
+delta-SAM's weights (they sum to 1).
 """
 from __future__ import annotations
 
@@ -12,7 +22,7 @@ import math
 
 import torch
 
-__all__ = ["WEIGHTINGS", "check_weighting", "example_weights"]
+__all__ = ["WEIGHTINGS", "check_weighting", "example_weights", "softmax_example_weights"]
 
 WEIGHTINGS = ("normalize", "clip", "power")
 
@@ -51,3 +61,27 @@ def example_weights(norms: torch.Tensor, weighting: str, eps: float = 1e-6,
     if weighting == "power":
         return (norms + eps).pow(-power)
     raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+
+
+def softmax_example_weights(scores: torch.Tensor, temperature: float = 1.0, standardize: bool = True) -> torch.Tensor:
+    """delta-SAM's example weights ``softmax(z / temperature)`` from per-example scores ``[B]``.
+
+    ``z`` is the standardized score ``(s - mean) / (std + 1e-12)`` (population std) when
+    ``standardize``, else ``s``. The weights are positive and sum to 1.
+
+    Example:
+        >>> w = softmax_example_weights(torch.tensor([0.0, 1.0]), temperature=1.0, standardize=False)
+        >>> [round(float(v), 4) for v in w]
+        [0.2689, 0.7311]
+    """
+    if not isinstance(scores, torch.Tensor) or scores.dim() != 1 or scores.numel() == 0:
+        shape = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+        raise ValueError(f"scores must be a non-empty 1-D tensor [B], got {shape}")
+    if not (isinstance(temperature, (int, float)) and temperature > 0):
+        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    s = scores.detach().double()
+    if not bool(torch.isfinite(s).all()):
+        raise FloatingPointError(f"{int((~torch.isfinite(s)).sum())} example score(s) are not finite")
+    if standardize:
+        s = (s - s.mean()) / (s.std(unbiased=False) + 1e-12)
+    return torch.softmax(s / temperature, dim=0).to(scores.dtype if scores.is_floating_point() else torch.float32)

@@ -49,7 +49,21 @@ def _as_bound(value, name: str) -> torch.Tensor:
     raise TypeError(f"domain {name} must be a float or a 1-D tensor, got {type(value).__name__}")
 
 
-def _box(domain, dim: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _first_linear_in_features(model) -> tuple[int | None, str]:
+    """``(in_features, module name)`` of the first parameter-owning module of ``model`` when
+    it is an ``nn.Linear`` (the layer that reads the ``[N, d]`` points), else ``(None, "")``."""
+    if not isinstance(model, torch.nn.Module):
+        return None, ""
+    for name, module in model.named_modules():
+        if not any(True for _ in module.parameters(recurse=False)):
+            continue
+        if isinstance(module, torch.nn.Linear) and module.in_features > 0:
+            return module.in_features, name or type(model).__name__
+        return None, ""
+    return None, ""
+
+
+def _box(domain, dim: int | None, default_dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     if not (isinstance(domain, (tuple, list)) and len(domain) == 2):
         raise ValueError(f"domain must be a pair (low, high), got {domain!r}")
     low, high = _as_bound(domain[0], "low"), _as_bound(domain[1], "high")
@@ -62,7 +76,7 @@ def _box(domain, dim: int | None) -> tuple[torch.Tensor, torch.Tensor]:
             raise ValueError(f"dim must be an int >= 1, got {dim!r}")
         if d_box is not None and d_box != dim:
             raise ValueError(f"dim={dim} but the domain bounds have {d_box} entries")
-    d = dim if dim is not None else (d_box if d_box is not None else 1)
+    d = dim if dim is not None else (d_box if d_box is not None else default_dim)
     low, high = low.expand(d).clone(), high.expand(d).clone()
     if not (bool(torch.isfinite(low).all()) and bool(torch.isfinite(high).all())):
         raise ValueError(f"domain bounds must be finite, got low={low.tolist()}, high={high.tolist()}")
@@ -91,8 +105,10 @@ def ktv_penalty(model, k: int, q: float = 2.0, domain=(0.0, 1.0), n_points: int 
         domain: ``(low, high)``: floats (the same interval in every dimension) or 1-D tensors
             with one bound per dimension. Default the unit cube.
         n_points: number of Monte Carlo points ``N`` per call (fresh every call).
-        dim: input dimension ``d`` when both bounds are floats (default 1); otherwise taken
-            from the bounds' length.
+        dim: input dimension ``d`` when both bounds are floats; otherwise taken from the
+            bounds' length. Default: the ``in_features`` of the model's first layer when it is
+            an ``nn.Linear`` (an error names ``dim=`` when the model then rejects the points),
+            else 1.
         generator: optional ``torch.Generator`` for the points and directions.
         dtype: floating dtype of the points; default the dtype (and device) of the model's first
             floating parameter, else torch's default dtype on the CPU.
@@ -121,8 +137,18 @@ def ktv_penalty(model, k: int, q: float = 2.0, domain=(0.0, 1.0), n_points: int 
         raise ValueError(f"q must be a finite number >= 1, got {q!r}")
     if not (isinstance(n_points, int) and not isinstance(n_points, bool) and n_points >= 1):
         raise ValueError(f"n_points must be an int >= 1, got {n_points!r}")
-    low, high = _box(domain, dim)
+    inferred, layer = (None, "") if dim is not None else _first_linear_in_features(model)
+    low, high = _box(domain, dim, default_dim=inferred or 1)
     d = low.numel()
+    per_dimension_bounds = any(isinstance(b, torch.Tensor) and b.numel() > 1 for b in domain)
+    if dim is not None:
+        where = f"dim={dim}"
+    elif per_dimension_bounds:
+        where = "the length of the domain bounds"
+    elif inferred is not None:
+        where = f"in_features of the model's first layer {layer!r}"
+    else:
+        where = "the default d = 1 (no dim= given, float bounds)"
     model_dtype, device = _model_dtype_device(model)
     if dtype is None:
         dtype = model_dtype
@@ -156,6 +182,11 @@ def ktv_penalty(model, k: int, q: float = 2.0, domain=(0.0, 1.0), n_points: int 
     g = f
     for _ in range(k):
         g = directional(g)
-    deriv = g(z)
+    try:
+        deriv = g(z)
+    except RuntimeError as exc:
+        raise ValueError(f"ktv_penalty: the model failed on the points [N, d] = [{n_points}, {d}] (d from {where}): "
+                         f"{str(exc).splitlines()[0]}. If it takes another number of inputs, pass dim=d or "
+                         "per-dimension bounds") from exc
     integrand = deriv * deriv if q == 2 else deriv.abs().pow(q)
     return volume * integrand.mean()

@@ -1,7 +1,9 @@
 """Shared helpers of the E1-E5 scripts: one thread, digits data loaded once, JSON and plot output.
 
 Every experiment runs on scikit-learn's 8x8 digits with the demo's small CNN (CPU-sized); the
-CIFAR models of ``engm_fast.models`` are not trained here.
+CIFAR models of ``engm_fast.models`` are not trained here. Every run is one call of the training
+loop, :func:`engm_fast.at.train.train` (the loop of ``engm-fast train``, the demo and its
+learning-rate sweep).
 """
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ os.makedirs(RESULTS, exist_ok=True)
 os.makedirs(FIGURES, exist_ok=True)
 
 _DATA = None
+# The final evaluation of the runs that skip APGD: PGD-20 (the per-epoch evaluation's attack).
+PGD_ONLY = ("pgd-20",)
 
 
 def digits():

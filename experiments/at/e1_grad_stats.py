@@ -5,7 +5,7 @@ Both runs: small CNN on digits, MSGD lr 0.07, 15 epochs, 2 seeds. "Natural" is t
 pipeline with a zero training budget (eps = 0: x_adv = x); both are evaluated with PGD-20 at
 eps = 0.15. The monitor records the raw per-example gradients of the training loss.
 """
-from common import FIGURES, mean_std, plt, run, save
+from common import FIGURES, PGD_ONLY, mean_std, plt, run, save
 
 EPOCHS, SEEDS = 15, (0, 1)
 import json
@@ -19,7 +19,8 @@ if "--table-only" in sys.argv:  # re-print from the saved results without traini
         out = json.load(f)
 for mode in (() if out else ("natural", "pgd_at")):
     for seed in SEEDS:
-        kw = dict(method="pgd", optimizer="msgd", epochs=EPOCHS, seed=seed, eval_train_subset=None, apgd=False)
+        kw = dict(method="pgd", optimizer="msgd", epochs=EPOCHS, seed=seed, eval_train_subset=None,
+                  final_attacks=PGD_ONLY)
         if mode == "natural":
             kw.update(eps=0.0, train_steps=1, alpha=0.0, eval_eps=0.15)
         out[f"{mode}/seed{seed}"] = run(f"E1 {mode} seed {seed}", **kw)

@@ -8,7 +8,7 @@ ENGM 0.7): the sensitivity claim is about the spread across each optimizer's own
 """
 import sys
 
-from common import FIGURES, mean_std, plt, run, save
+from common import FIGURES, PGD_ONLY, mean_std, plt, run, save
 
 EPOCHS, SEEDS = 15, (0, 1, 2)
 GRIDS = {"msgd": (0.01, 0.03, 0.1, 0.3), "engm": (0.1, 0.3, 1.0, 3.0)}
@@ -20,7 +20,7 @@ for method in ("pgd", "trades"):
         for lr in grid:
             for seed in SEEDS:
                 r = run(f"E2 {method} {opt} lr {lr} seed {seed}", method=method, optimizer=opt, lr=lr, seed=seed,
-                        epochs=EPOCHS, eval_train_subset=None, monitor=False, apgd=False,
+                        epochs=EPOCHS, eval_train_subset=None, monitor=False, final_attacks=PGD_ONLY,
                         eval_every=EPOCHS)
                 out[f"{method}/{opt}/{lr}/{seed}"] = {"final": r.get("final"), "best": r.get("best"),
                                                       "diverged": r["diverged"],

@@ -9,7 +9,7 @@ gradient statistics (the paper logs the squared global norm of the mini-batch gr
 """
 import sys
 
-from common import FIGURES, plt, run, save
+from common import FIGURES, PGD_ONLY, plt, run, save
 
 EPOCHS, SUBSET = 100, 500
 if "--quick" in sys.argv:
@@ -27,18 +27,18 @@ for method in (() if TABLE_ONLY else ("pgd", "trades")):
     for opt in ("msgd", "engm"):
         out[f"{method}/{opt}"] = run(f"E4 {method} {opt}", method=method, optimizer=opt, random_labels=True,
                                      epochs=EPOCHS, train_subset=SUBSET, eval_train_subset=SUBSET,
-                                     lr_milestones=(), apgd=False, test_subset=200,
+                                     lr_milestones=(), final_attacks=PGD_ONLY, test_subset=200,
                                      eval_every=5)
 # Controls (not in the paper): can this CNN memorize the random labels at all? Natural training
 # (eps = 0, evaluated at eps 0.15) and PGD-AT with a 3x smaller budget (eps = 0.05), MSGD.
 if not TABLE_ONLY:
     out["natural/msgd"] = run("E4 natural msgd", method="pgd", optimizer="msgd", random_labels=True,
                               epochs=EPOCHS, train_subset=SUBSET, eval_train_subset=SUBSET, lr_milestones=(),
-                              apgd=False, test_subset=200, eval_every=5, eps=0.0, alpha=0.0, train_steps=1,
+                              final_attacks=PGD_ONLY, test_subset=200, eval_every=5, eps=0.0, alpha=0.0, train_steps=1,
                               eval_eps=0.15)
     out["pgd-eps0.05/msgd"] = run("E4 pgd eps 0.05 msgd", method="pgd", optimizer="msgd", random_labels=True,
                                   epochs=EPOCHS, train_subset=SUBSET, eval_train_subset=SUBSET, lr_milestones=(),
-                                  apgd=False, test_subset=200, eval_every=5, eps=0.05, eval_eps=0.05)
+                                  final_attacks=PGD_ONLY, test_subset=200, eval_every=5, eps=0.05, eval_eps=0.05)
     save("e4_random_labels.json", out)
 
 p = plt()

@@ -11,7 +11,7 @@ Command: python experiments/at/e5_proxy.py
 """
 import sys
 
-from common import FIGURES, mean_std, plt, run, save
+from common import FIGURES, PGD_ONLY, mean_std, plt, run, save
 
 EPOCHS, SEEDS = 15, (0, 1, 2)
 if "--quick" in sys.argv:
@@ -19,12 +19,12 @@ if "--quick" in sys.argv:
 corr = {}
 for method in ("pgd", "trades"):
     corr[method] = run(f"E5a {method}", method=method, optimizer="engm", epochs=EPOCHS, seed=0,
-                       eval_train_subset=None, apgd=False)
+                       eval_train_subset=None, final_attacks=PGD_ONLY)
 timing = {}
 for seed in SEEDS:
-    for opt in ("engm", "engm-proxy", "msgd"):
+    for opt in ("engm", "engm_proxy", "msgd"):
         timing[f"{opt}/{seed}"] = run(f"E5b {opt} seed {seed}", method="pgd", optimizer=opt, epochs=EPOCHS, seed=seed,
-                                      eval_train_subset=None, monitor=False, apgd=False)
+                                      eval_train_subset=None, monitor=False, final_attacks=PGD_ONLY)
 save("e5_proxy.json", {"correlation": corr, "timing": timing})
 
 p = plt()
@@ -54,7 +54,7 @@ print()
 print("| optimizer | final clean | final PGD-20 | best PGD-20 | update ms (mean of epoch means) | batch ms | update time / MSGD |")
 print("|---|---|---|---|---|---|---|")
 msgd_u = {s: mean_std([x["update_ms"] for x in timing[f"msgd/{s}"]["history"]])[0] for s in SEEDS}
-for opt in ("engm", "engm-proxy", "msgd"):
+for opt in ("engm", "engm_proxy", "msgd"):
     rs = [timing[f"{opt}/{s}"] for s in SEEDS]
     c = mean_std([r["final"]["clean_acc"] for r in rs])
     f = mean_std([r["final"]["robust_acc_pgd"] for r in rs])

@@ -1,14 +1,14 @@
-"""S1: SAM vs delta-SAM (both weightings) vs the base optimizer on digits with 20% label noise.
+"""S1: SAM vs delta-SAM (both score sources) vs the base optimizer on digits with 20% label noise.
 
 Data: scikit-learn's 8x8 digits (ships with the package), the stratified 75/25 split of
-``engm_fast.demo.load_digits_data``; 20% of the training labels are replaced by a different
+``engm_fast.data.load_digits``; 20% of the training labels are replaced by a different
 class drawn uniformly (fixed by the seed); test labels are clean. Model: MLP 64-256-256-10
 (ReLU). Base optimizer SGD (lr 0.05, momentum 0.9), batch 64, the same epochs for all:
 
 * ``SGD``: the base optimizer alone
 * ``SAM``: ``engm_fast.optim.SAM(rho=0.1)``
-* ``dSAM-pert``: ``DeltaSAM(weighting="perturbation", noise_scale=0.01, n_perturb=1, temperature=1)``
-* ``dSAM-norm``: ``DeltaSAM(weighting="grad_norm", temperature=1)`` (exact per-example norms)
+* ``dSAM-pert``: ``DeltaSAM(score_source="perturbation", noise_scale=0.01, n_perturb=1, temperature=1)``
+* ``dSAM-norm``: ``DeltaSAM(score_source="grad_norm", temperature=1)`` (exact per-example norms)
 
 Cost: seconds per optimizer step (data indexing included), the median over steps of each run,
 as a ratio to SAM's in the same process (denormals flushed to zero for every method, see main()).
@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from engm_fast.demo import load_digits_data
+from engm_fast.data import load_digits
 from engm_fast.optim import SAM, DeltaSAM
 
 METHODS = ["SGD", "SAM", "dSAM-pert", "dSAM-norm"]
@@ -54,9 +54,9 @@ def build(method, model, rho):
     if method == "SAM":
         return SAM(model.parameters(), torch.optim.SGD, rho=rho, model=model, **kw)
     if method == "dSAM-pert":
-        return DeltaSAM(model.parameters(), torch.optim.SGD, rho=rho, model=model, weighting="perturbation",
+        return DeltaSAM(model.parameters(), torch.optim.SGD, rho=rho, model=model, score_source="perturbation",
                         noise_scale=0.01, n_perturb=1, temperature=1.0, **kw)
-    return DeltaSAM(model.parameters(), torch.optim.SGD, rho=rho, model=model, weighting="grad_norm",
+    return DeltaSAM(model.parameters(), torch.optim.SGD, rho=rho, model=model, score_source="grad_norm",
                     temperature=1.0, **kw)
 
 
@@ -109,7 +109,7 @@ def main():
     # Memorized examples drive per-example losses and gradients into the denormal range, where
     # x86 arithmetic is ~100x slower; that would time denormal handling, not the optimizers.
     torch.set_flush_denormal(True)
-    x_tr, y_tr, x_te, y_te = load_digits_data()
+    x_tr, y_tr, x_te, y_te, _ = load_digits()
     y_noisy, flipped = noisy_labels(y_tr, args.noise, torch.Generator().manual_seed(0))
     print(f"train {x_tr.shape[0]} ({int(flipped.sum())} labels flipped), test {x_te.shape[0]}")
     data = (x_tr, y_noisy, x_te, y_te)
