@@ -18,6 +18,7 @@ one (on CUDA tensors: the CUDA extension when built, else Triton when available)
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import importlib.util
 import os
@@ -102,7 +103,10 @@ def triton_ops():
     return module
 
 
+@functools.lru_cache(maxsize=None)
 def _native_has(dispatch_key: str) -> bool:
+    # Cached: the extension registers its kernels once, at import; the dispatcher query costs
+    # about 30 us, and every op call asks.
     if not _NATIVE:
         return False
     return torch._C._dispatch_has_kernel_for_dispatch_key("engm_fast::per_example_sqnorm", dispatch_key)

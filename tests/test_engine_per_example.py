@@ -388,8 +388,8 @@ def test_pgd_attack_pauses_recording():
     model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), Flatten(), nn.Linear(27, 3)).double()
     engine = engm_fast.attach(model)
     calls = []
-    original = tap_mod._Tap.apply
-    tap_mod._Tap.apply = lambda *a: calls.append(1) or original(*a)
+    original = tap_mod._apply
+    tap_mod._apply = lambda *a: calls.append(1) or original(*a)
     try:
         x, y = torch.rand(4, 1, 5, 5, dtype=torch.float64), torch.randint(0, 3, (4,))
         engm_fast.at.pgd_attack(model, x, y, eps=0.1, alpha=0.05, steps=3)
@@ -397,5 +397,5 @@ def test_pgd_attack_pauses_recording():
         model(x)  # outside the attack, recording is back on
         assert calls == [1, 1]
     finally:
-        tap_mod._Tap.apply = original
+        tap_mod._apply = original
         engm_fast.release(model)
