@@ -142,7 +142,7 @@ def pgd_attack(
         return_input_grad_norms: also return the per-example L2 norms ``||grad_x loss_i||``
             of the gradient taken at the last step (at the iterate the last update starts
             from), as float32 ``[B]``. It is a free by-product of the attack and the input
-            of ENGM's proxy variant (DESIGN.md section 2).
+            of ENGM's proxy variant (docs/design.md, "The methods").
         generator: optional ``torch.Generator`` for the random start, so a caller can make
             attacks reproducible independently of the global RNG stream.
 

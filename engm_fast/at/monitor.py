@@ -7,7 +7,7 @@ mini-batch gradient, each observed step records:
   paper logs its square, ``grad_sqnorm``),
 * ``norm_mean`` and ``norm_max`` of the per-example norms ``||g_i||``,
 * ``variance`` = ``(1/B) sum_i ||g_i||^2 - ||gbar||^2`` (the trace of the per-example
-  gradient covariance; DESIGN.md section 2).
+  gradient covariance; docs/design.md, "The methods").
 
 These are statistics of the *raw* per-example gradients whatever the optimizer does with them
 (ENGM reweights them afterwards), so MSGD and ENGM runs are comparable. :meth:`end_epoch`

@@ -1,7 +1,7 @@
 """Temporal ensembling (TE) against robust overfitting (Dong et al., ICLR 2022, arXiv 2106.01606).
 
 What the official code (``loss.py``/``train_te.py`` of the paper's repository) does, and what
-this module reproduces step by step (DESIGN.md section 2):
+this module reproduces step by step (docs/design.md, "The methods"):
 
 * A table ``Q`` of shape ``[num_samples, num_classes]``, initialised to zeros, holds an
   exponential moving average of each training example's clean prediction, indexed by the

@@ -3,7 +3,7 @@
 Times are ratios measured in one process: every round runs each method ``iters`` times, in an
 order rotated from round to round, and a method's ratio for the round is its time over the
 baseline's time in that same round; the reported ratio is the median over rounds. Timings on
-a shared 2-core machine drift by +-30% from minute to minute (DESIGN.md section 5), so
+a shared 2-core machine drift by +-30% from minute to minute (measured in the first benchmark runs), so
 unpaired times would measure the drift, not the methods.
 
 Peak memory is the most tensor memory a step has allocated at once *on top of* what existed

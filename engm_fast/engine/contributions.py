@@ -94,16 +94,6 @@ def _dtype_of(c: Contribution) -> torch.dtype:
     return c.per_example().dtype
 
 
-# Linear layers over T > 1 positions with few parameters (ConvNeXt's pointwise layers at low
-# resolution: T = 64, 64 -> 256): their per-example gradients, B x P entries, are cheaper to form
-# with one batched GEMM and keep (the norms and the weighted sum then read them) than the ghost
-# route's Gram matrices plus the weighted GEMM, while they stay small: B * P <= 2**20 entries
-# (4 MiB in float32) and the Gram matrices' FLOPs, T^2 (d_in + d_out), exceed twice the
-# per-example product's d_in d_out per position. Measured on the 2-core CPU, B = 32
-# (benchmarks/results/linear_routes.txt): 64 -> 256 at T = 64 kept 1.1 ms against 2.7 ms.
-_KEEP_ELEMENTS = 1 << 20
-
-
 def _zero_rows(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask.view((-1,) + (1,) * (t.dim() - 1)), torch.zeros((), dtype=t.dtype, device=t.device), t)
 
@@ -133,19 +123,6 @@ class OuterProduct(Contribution):
         G, d_in, d_out = a.shape[2], a.shape[3], b.shape[3]
         if G * d_out * d_in != self.shape.numel():
             raise ValueError(f"OuterProduct: G*d_out*d_in = {G}*{d_out}*{d_in} does not match parameter shape {tuple(shape)}")
-        self._kept: torch.Tensor | None = None  # [B, d_out, d_in] per-example gradients (keeps route)
-
-    def keeps(self) -> bool:
-        """Whether the per-example gradients are formed once and kept (see ``_KEEP_ELEMENTS``)."""
-        B, T, G, d_in = self.a.shape
-        d_out = self.b.shape[3]
-        return (G == 1 and T > 1 and B * d_in * d_out <= _KEEP_ELEMENTS
-                and T * T * (d_in + d_out) > 2 * d_in * d_out)
-
-    def _per_example_kept(self) -> torch.Tensor:
-        if self._kept is None:
-            self._kept = torch.bmm(self.b[:, :, 0].transpose(1, 2), self.a[:, :, 0])
-        return self._kept
 
     @property
     def groups(self) -> int:
@@ -157,18 +134,12 @@ class OuterProduct(Contribution):
         return t.permute(0, 2, 1, 3).reshape(B * G, T, d)
 
     def sqnorms(self) -> torch.Tensor:
-        if self.keeps():
-            g = self._per_example_kept()
-            return g.reshape(self.batch_size, -1).to(accumulation_dtype(g.dtype)).pow(2).sum(1)
         if self.groups == 1:
             return ops.per_example_sqnorm(self.a[:, :, 0], self.b[:, :, 0])
         n2 = ops.per_example_sqnorm(self._grouped_rows(self.a), self._grouped_rows(self.b))
         return n2.view(self.batch_size, self.groups).sum(1)
 
     def weighted_sum(self, w: torch.Tensor) -> torch.Tensor:
-        if self._kept is not None:
-            flat = self._kept.reshape(self.batch_size, -1)
-            return torch.mm(w.to(flat.dtype).unsqueeze(0), flat).view(self.shape)
         if self.groups == 1:
             return ops.weighted_outer_sum(self.a[:, :, 0], self.b[:, :, 0], w).view(self.shape)
         B, T, G, d_in = self.a.shape
@@ -178,18 +149,11 @@ class OuterProduct(Contribution):
         return torch.bmm(bw.transpose(1, 2), a).reshape(self.shape)
 
     def per_example(self) -> torch.Tensor:
-        if self.groups == 1:
-            return self._per_example_kept().reshape((self.batch_size,) + tuple(self.shape)) if self.keeps() \
-                else torch.bmm(self.b[:, :, 0].transpose(1, 2), self.a[:, :, 0]).reshape((self.batch_size,)
-                                                                                         + tuple(self.shape))
         g = torch.einsum("btgo,btgi->bgoi", self.b, self.a)
         return g.reshape((self.batch_size,) + tuple(self.shape))
 
     def zero_examples(self, mask: torch.Tensor) -> "OuterProduct":
-        out = OuterProduct(_zero_rows(self.a, mask), _zero_rows(self.b, mask), self.shape)
-        if self._kept is not None:
-            out._kept = _zero_rows(self._kept, mask)
-        return out
+        return OuterProduct(_zero_rows(self.a, mask), _zero_rows(self.b, mask), self.shape)
 
     def compatible(self, other: "OuterProduct") -> bool:
         return (
@@ -201,8 +165,7 @@ class OuterProduct(Contribution):
 
     def join(self, other: Contribution) -> Contribution | None:
         """Rows of several calls stacked along T: ``g_i`` is the sum over calls."""
-        if isinstance(other, OuterProduct) and self.compatible(other) and self._kept is None \
-                and other._kept is None:
+        if isinstance(other, OuterProduct) and self.compatible(other):
             return OuterProduct(torch.cat([self.a, other.a], 1), torch.cat([self.b, other.b], 1), self.shape)
         return None
 

@@ -1,7 +1,7 @@
 """ENGM: example-normalized gradient with momentum (Dabouei et al., ECCV 2022, arXiv 2209.01199).
 
 Each example's gradient is reweighted by a function of its own norm before averaging, then an
-ordinary SGD-momentum step is taken (DESIGN.md section 2)::
+ordinary SGD-momentum step is taken (docs/design.md, "The methods")::
 
     g_i  = grad_theta loss_i                       (per-example loss, not divided by B)
     w_i  = phi(||g_i||)                            (see engm_fast.optim.weighting)

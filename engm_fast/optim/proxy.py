@@ -1,6 +1,6 @@
 """Affine calibration of the input-gradient proxy: ``||g_i|| ~ alpha * ||grad_x loss_i|| + beta``.
 
-ENGM's cheaper variant (DESIGN.md section 2) weights examples by their input-gradient norm,
+ENGM's cheaper variant (docs/design.md, "The methods") weights examples by their input-gradient norm,
 which the last PGD step gives for free. :class:`ProxyCalibration` keeps the pairs
 ``(input-gradient norm, exact parameter-gradient norm)`` of the last few calibration batches
 (exact steps taken every ``calibrate_every`` steps), fits ``alpha, beta`` by least squares and

@@ -5,7 +5,7 @@ example and turns it into the example's weight. ``weighting=`` names that map (E
 ``"normalize"``, ``"clip"``, ``"power"``); where the statistic comes from is ``*_source=``
 (ENGM's ``norm_source``, delta-SAM's ``score_source``).
 
-:func:`example_weights` ``w_i = phi(||g_i||)``, the ENGM family (DESIGN.md section 2):
+:func:`example_weights` ``w_i = phi(||g_i||)``, the ENGM family (docs/design.md, "The methods"):
 
 * ``"normalize"`` (default): ``w_i = 1 / (||g_i|| + eps)``: every example contributes a unit
   direction; an all-zero gradient gets the finite weight ``1/eps``.

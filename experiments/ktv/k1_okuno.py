@@ -1,6 +1,6 @@
 """K1: Okuno's 1-D k-TV experiment (arXiv 2308.02293), ridge vs 1-/2-/3-TV.
 
-Setup (DESIGN.md section 2): a tanh network with 200 hidden units, n = 100 noisy points
+Setup (docs/design.md, "The methods"): a tanh network with 200 hidden units, n = 100 noisy points
 (noise sd 0.1) of f1 = x, f2 = 4x^2, f3 = (64/7)(x + 3/8) x (x - 3/8) on [-1/2, 1/2]; each
 iteration uses 5 data points and 5 fresh k-TV points; lr 1e-3 (Adam: our assumption, the
 optimizer is not stated in our notes); eta = 1e-1, 1e-3, 1e-5 for k = 1, 2, 3; ridge

@@ -49,9 +49,9 @@ _KEEP_PER_EXAMPLE_ELEMENTS = 1 << 24
 # Depthwise convolutions (one input channel per group): per-example gradients by correlating
 # the input with the output gradient as a forward convolution (examples and channels folded
 # into the groups) when the output has few positions, T <= _CORRELATE_POSITIONS * kernel size.
-# Measured on the 2-core CPU, B = 32 (benchmarks/results/conv_routes.txt): 7x7 depthwise at 4x4
-# output 0.73 ms against 5.6 ms for the grouped weight gradient, at 8x8 3.7 against 6.9 ms;
-# 3x3 at 32x32 (T = 114 K) 3.2 against 2.5 ms.
+# Measured on the 2-core CPU, one thread, B = 32 (benchmarks/bench_routes.py; results in
+# benchmarks/results/routes.txt): 7x7 depthwise at 4x4 output 1.0 ms against 5.7 ms for the
+# grouped weight gradient, at 8x8 0.8 against 6.7 ms; 3x3 at 32x32 (T = 114 K) 2.7 against 2.0 ms.
 _CORRELATE_POSITIONS = 4
 # Inside the backward, a direct-route layer's per-example gradients replace its input and
 # output gradient when they take at most half their memory (at parity the grouped convolution's
