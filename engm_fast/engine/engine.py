@@ -544,12 +544,17 @@ class PerExampleEngine(SharedOps):
                 return None
             if kwargs:
                 args = engine._positional(module, args, kwargs)
-            args = tuple(plain(a) for a in args)
             engine._tapped_since_backward.add(name)
+            B = engine._batch
+            x = args[0] if args else None
+            # The common case first: a float input and an output batched along dim 0.
+            if (type(output) is torch.Tensor and type(x) is torch.Tensor and x.is_floating_point()
+                    and engine._batch_dim == 0 and (B is None or (output.dim() > 0 and output.shape[0] == B))):
+                return engine._tap_rule_call(rule, module, name, args, output)
+            args = tuple(plain(a) for a in args)
             if isinstance(output, SharedTensor):  # computed from a shared input without meeting the batch
                 source = CallSource(rule, module, name, args, output._plain, False)
                 return SharedTensor.wrap(engine, output._plain, output._sources + (source,))
-            B = engine._batch
             if B is not None and rule.positionwise:
                 layout = _positionwise_layout(output, args, B, engine._batch_dim)
                 if layout:
