@@ -47,7 +47,8 @@ def round_robin_times(fns: dict[str, Callable[[], None]], device: torch.device, 
 
     Each round runs every function ``iters`` times back to back; the order of the functions
     rotates by one each round so no method always runs right after the same other one.
-    ``warmup`` calls of each function come first and are not timed.
+    ``warmup`` calls of each function come first and are not timed. On CUDA the time is read
+    from CUDA events recorded on the stream around the calls (the GPU's time, not the host's).
     """
     if rounds < 1 or iters < 1:
         raise ValueError(f"rounds and iters must be >= 1, got rounds={rounds}, iters={iters}")
@@ -61,6 +62,15 @@ def round_robin_times(fns: dict[str, Callable[[], None]], device: torch.device, 
         k = r % len(names)
         for name in names[k:] + names[:k]:
             synchronize(device)
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(iters):
+                    fns[name]()
+                end.record()
+                end.synchronize()
+                times[name].append(start.elapsed_time(end) / iters)
+                continue
             t0 = time.perf_counter()
             for _ in range(iters):
                 fns[name]()
