@@ -270,8 +270,8 @@ def test_weighted_outer_sum(backend, case):
 @pytest.mark.parametrize("backend,dtype", backend_cases(DTYPES, [torch.float32]), indirect=["backend"])
 def test_layouts(backend, dtype):
     """Strided views (padded rows: CUDA's 16-byte copies whose last chunk straddles the row end),
-    misaligned storage offsets, a non-contiguous last dimension, a zero-stride (expanded) batch,
-    inputs requiring grad, strided weights."""
+    misaligned storage offsets, a non-contiguous last dimension, zero strides (an expanded batch,
+    broadcast features), inputs requiring grad, strided weights."""
     B, T, d_in, d_out = 5, 37, 29, 19
     a, b, w = _inputs((B, T, d_in + 11), (B, T, d_out + 13), dtype, _seed("layout", dtype), backend.device)
     a_pad, b_pad = a[..., :d_in], b[..., :d_out]  # row strides 40 and 32 elements
@@ -280,9 +280,10 @@ def test_layouts(backend, dtype):
     a_t = a_pad.transpose(1, 2).contiguous().transpose(1, 2)  # last-dimension stride T
     b_t = b_pad.transpose(0, 1).contiguous().transpose(0, 1)  # batch stride d_out, row stride B d_out
     a_e = a_pad[:1].expand(B, T, d_in)  # batch stride 0
+    b_e = b_pad[..., :1].expand(B, T, d_out)  # feature stride 0
     w_strided = torch.rand(2 * B, dtype=torch.float64).to(backend.device)[::2]
     cases = {"padded": (a_pad, b_pad, w), "misaligned": (a_mis, b_mis, w), "transposed": (a_t, b_t, w_strided),
-             "expanded": (a_e, b_pad, w),
+             "expanded": (a_e, b_pad, w), "broadcast features": (a_t, b_e, w),
              "requires_grad": (a_t.detach().requires_grad_(), b_t.detach().requires_grad_(), w)}
     for name, (x, y, ww) in cases.items():
         truth = sqnorm_truth(x, y)
