@@ -248,23 +248,15 @@ def _shape_inputs(shape, dtype, tag, device):
 
 @pytest.mark.parametrize("backend,case", backend_cases(
     SHAPE_CASES, [c for c in SHAPE_CASES if c[0] in INTERPRETER_SHAPES], _shape_id), indirect=["backend"])
-def test_sqnorm(backend, case):
+def test_sqnorm_and_weighted_outer_sum(backend, case):
     shape, dtype = case
-    a, b, _ = _shape_inputs(shape, dtype, "sqnorm", backend.device)
+    a, b, w = _shape_inputs(shape, dtype, "ops", backend.device)
     truth = sqnorm_truth(a, b)
     out = {mode: check_sqnorm(backend, a, b, mode, str(shape), truth) for mode in reference.SQNORM_MODES}
     # "auto" is the route of the one rule, bit for bit
     T = max(1, shape[1])
     assert torch.equal(out["auto"], out[reference.choose_sqnorm_route(T, shape[2], shape[3])])
-
-
-@pytest.mark.parametrize("backend,case", backend_cases(
-    SHAPE_CASES, [c for c in SHAPE_CASES if c[0] in INTERPRETER_SHAPES], _shape_id), indirect=["backend"])
-def test_weighted_outer_sum(backend, case):
-    shape, dtype = case
-    a, b, w = _shape_inputs(shape, dtype, "outer", backend.device)
     check_outer(backend, a, b, w, str(shape))
-    check_outer(backend, a, b, w.float(), f"{shape} float32 w")
 
 
 @pytest.mark.parametrize("backend,dtype", backend_cases(DTYPES, [torch.float32]), indirect=["backend"])
