@@ -21,8 +21,9 @@ inline bool is_supported_dtype(at::ScalarType t) {
   return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble;
 }
 
-// a and b of per_example_sqnorm / weighted_outer_sum as detached [B, T, d] views ([B, d] inputs
-// are T = 1); each backend makes the layout its kernels read.
+// a and b of per_example_sqnorm / weighted_outer_sum as [B, T, d] views ([B, d] inputs are
+// T = 1), detached (the kernels call ATen ops on slices and must not build autograd graphs);
+// each backend makes the layout its kernels read.
 struct BatchedRows {
   at::Tensor a, b;
   int64_t B, T, d_in, d_out;

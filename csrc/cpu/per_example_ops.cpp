@@ -37,8 +37,8 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <string>
 #include <type_traits>
+#include <utility>
 
 namespace engm_fast {
 namespace {

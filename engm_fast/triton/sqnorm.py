@@ -21,9 +21,10 @@ kernels implement the routes:
 Accumulation is in the accumulation dtype (float32 for 16- and 32-bit inputs, float64 for
 float64 inputs, as the op wrapper passes it): loaded 16-bit values feed ``tl.dot`` as they are
 (exact products into a float32 accumulator) and are converted to the accumulation dtype before
-any other arithmetic (fp16 squares overflow above 256). float32 dots use ``input_precision="ieee"`` (no TF32): the reference is exact float32
-arithmetic. float64 inputs use ``tl.dot`` on float64 operands with a float64 accumulator
-(accepted by Triton's ``tl.dot``; validated here under the interpreter only, no GPU was lent).
+any other arithmetic (fp16 squares overflow above 256). float32 dots use
+``input_precision="ieee"`` (no TF32): the reference is exact float32 arithmetic. float64 inputs
+use ``tl.dot`` on float64 operands with a float64 accumulator (accepted by Triton's ``tl.dot``;
+validated here under the interpreter only, no GPU was lent).
 """
 from __future__ import annotations
 
