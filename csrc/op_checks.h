@@ -1,7 +1,7 @@
 // Argument checks of the engm_fast ops, shared by the native backends (csrc/cpu, csrc/cuda).
 //
 // The op wrappers of engm_fast/ops check every argument first (engm_fast/reference.py:
-// batched_rows, check_weights, check_update_args) and decide what the kernels are given: the
+// check_rows, check_weights, check_update_args) and decide what the kernels are given: the
 // route of per_example_sqnorm ("ghost" or "direct") and the accumulation dtype. The checks here
 // are the ones the kernels' memory accesses depend on, for callers of torch.ops.engm_fast.*
 // that bypass the wrappers: ranks and sizes the kernels index with, dtypes they are compiled

@@ -6,8 +6,8 @@ within the deviation :data:`TOLERANCE` allows for the input dtype; the op tests 
 backend to that one table. The decisions that are not arithmetic are taken here once, in
 Python, and handed to the kernels: the route of ``per_example_sqnorm``
 (:func:`resolve_sqnorm_mode`), the accumulation dtype (:func:`accumulation_dtype`) and the
-checks of the arguments (:func:`batched_rows`, :func:`check_weights`), called by the op
-wrappers of :mod:`engm_fast.ops`.
+checks of the arguments (:func:`check_rows`, :func:`check_weights`, :func:`check_update_args`),
+called by the op wrappers of :mod:`engm_fast.ops`.
 
 Notation. For one layer call, example ``i`` has input activations ``a_i`` (``[T, d_in]``) and
 output gradient ``b_i`` (``[T, d_out]``); its weight gradient is ``g_i = b_i^T a_i``
@@ -92,6 +92,7 @@ __all__ = [
     "accumulation_dtype",
     "choose_sqnorm_route",
     "resolve_sqnorm_mode",
+    "check_rows",
     "batched_rows",
     "check_weights",
     "check_update_args",
@@ -151,16 +152,15 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def batched_rows(a: torch.Tensor, b: torch.Tensor, op: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Checks ``a`` and ``b`` (shapes, dtype, device) and returns them as ``[B, T, d]`` views.
+def check_rows(a: torch.Tensor, b: torch.Tensor, op: str) -> tuple[int, int, int, int]:
+    """Checks ``a`` and ``b`` (shapes, dtype, device) and returns ``(B, T, d_in, d_out)``.
 
     Raises ``TypeError`` for non-tensors and dtypes, ``ValueError`` for shapes and devices, with
     messages naming ``op`` and the shapes.
 
     Example:
-        >>> a3, b3 = batched_rows(torch.ones(4, 5), torch.ones(4, 2), "my_op")
-        >>> tuple(a3.shape), tuple(b3.shape)
-        ((4, 1, 5), (4, 1, 2))
+        >>> check_rows(torch.ones(4, 3, 5), torch.ones(4, 3, 2), "my_op")
+        (4, 3, 5, 2)
     """
     if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
         raise TypeError(f"{op}: a and b must be tensors, got {type(a).__name__} and {type(b).__name__}")
@@ -179,24 +179,38 @@ def batched_rows(a: torch.Tensor, b: torch.Tensor, op: str) -> tuple[torch.Tenso
     if a.device != b.device:
         raise ValueError(f"{op}: a and b are on different devices ({a.device}, {b.device})")
     if a.dim() == 2:
+        return a.shape[0], 1, a.shape[1], b.shape[1]
+    return a.shape[0], a.shape[1], a.shape[2], b.shape[2]
+
+
+def batched_rows(a: torch.Tensor, b: torch.Tensor, op: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checks ``a`` and ``b`` (:func:`check_rows`) and returns them as ``[B, T, d]`` views.
+
+    Example:
+        >>> a3, b3 = batched_rows(torch.ones(4, 5), torch.ones(4, 2), "my_op")
+        >>> tuple(a3.shape), tuple(b3.shape)
+        ((4, 1, 5), (4, 1, 2))
+    """
+    check_rows(a, b, op)
+    if a.dim() == 2:
         return a.unsqueeze(1), b.unsqueeze(1)
     return a, b
 
 
-def check_weights(w: torch.Tensor, a3: torch.Tensor, op: str) -> None:
+def check_weights(w: torch.Tensor, a: torch.Tensor, op: str) -> None:
     """Checks the per-example weights of ``weighted_outer_sum``: a real floating ``[B]`` tensor
-    on the device of ``a3`` (``[B, T, d_in]``, from :func:`batched_rows`).
+    on the device of ``a`` (the checked layer inputs, ``[B, ...]``).
 
     Example:
-        >>> check_weights(torch.ones(4), torch.ones(4, 1, 5), "my_op")  # fine: returns None
+        >>> check_weights(torch.ones(4), torch.ones(4, 5), "my_op")  # fine: returns None
     """
-    if not isinstance(w, torch.Tensor) or w.dim() != 1 or w.shape[0] != a3.shape[0]:
+    if not isinstance(w, torch.Tensor) or w.dim() != 1 or w.shape[0] != a.shape[0]:
         shape = tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__
-        raise ValueError(f"{op}: w must be [B] = [{a3.shape[0]}], got {shape}")
+        raise ValueError(f"{op}: w must be [B] = [{a.shape[0]}], got {shape}")
     if not w.is_floating_point():
         raise TypeError(f"{op}: w must be floating point, got {w.dtype}")
-    if w.device != a3.device:
-        raise ValueError(f"{op}: w is on {w.device}, a and b on {a3.device}")
+    if w.device != a.device:
+        raise ValueError(f"{op}: w is on {w.device}, a and b on {a.device}")
 
 
 def check_update_args(params: list[torch.Tensor], grads: list[torch.Tensor], momentum_buffers: list[torch.Tensor],

@@ -10,7 +10,7 @@ Backends: ``"torch"`` runs :mod:`engm_fast.reference`; ``"cpu"`` / ``"cuda"`` th
 
 What every op computes, and the deviation each backend may have from it, is the contract in
 :mod:`engm_fast.reference`. These wrappers carry out its decisions once for all backends: they
-check the arguments (:func:`~engm_fast.reference.batched_rows`,
+check the arguments (:func:`~engm_fast.reference.check_rows`,
 :func:`~engm_fast.reference.check_weights`, :func:`~engm_fast.reference.check_update_args`:
 the same ``TypeError`` / ``ValueError`` on every backend), resolve ``mode="auto"`` to the route
 (:func:`~engm_fast.reference.resolve_sqnorm_mode`) and hand the kernels the accumulation dtype
@@ -63,8 +63,8 @@ def per_example_sqnorm(a: torch.Tensor, b: torch.Tensor, mode: str = "auto") -> 
         >>> engm_fast.ops.per_example_sqnorm(torch.ones(2, 3), torch.ones(2, 4))
         tensor([12., 12.])
     """
-    a3, b3 = reference.batched_rows(a, b, "per_example_sqnorm")
-    route = reference.resolve_sqnorm_mode(mode, a3.shape[1], a3.shape[2], b3.shape[2])
+    _, T, d_in, d_out = reference.check_rows(a, b, "per_example_sqnorm")
+    route = reference.resolve_sqnorm_mode(mode, T, d_in, d_out)
     backend = _backend.resolve(a.device)
     if backend == "torch":
         return reference.per_example_sqnorm(a, b, route)
@@ -79,12 +79,13 @@ def weighted_outer_sum(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor) -> tor
         >>> engm_fast.ops.weighted_outer_sum(torch.ones(2, 3), torch.ones(2, 1), torch.tensor([1.0, 2.0]))
         tensor([[3., 3., 3.]])
     """
-    a3, _ = reference.batched_rows(a, b, "weighted_outer_sum")
-    reference.check_weights(w, a3, "weighted_outer_sum")
+    reference.check_rows(a, b, "weighted_outer_sum")
+    reference.check_weights(w, a, "weighted_outer_sum")
     backend = _backend.resolve(a.device)
     if backend == "torch":
         return reference.weighted_outer_sum(a, b, w)
-    return _kernel(backend, "weighted_outer_sum")(a, b, w.detach().to(accumulation_dtype(a.dtype)))
+    acc = accumulation_dtype(a.dtype)
+    return _kernel(backend, "weighted_outer_sum")(a, b, w if w.dtype == acc else w.to(acc))
 
 
 def sgd_momentum_update_(params: list[torch.Tensor], grads: list[torch.Tensor],
