@@ -72,17 +72,20 @@ def main():
         a = torch.randn(shape_a, generator=g).to(dtype)
         b = torch.randn(shape_b, generator=g).to(dtype)
         w = torch.rand(B, generator=g)
-        auto = "ghost" if T == 1 else reference.choose_sqnorm_route(T, d_in, d_out)
-        cases = [(f"sqnorm auto ({auto})", "auto")]
+        auto = reference.choose_sqnorm_route(T, d_in, d_out)
+        cases = [(f"sqnorm auto ({auto})", auto)]
         if T > 1:
             other = "direct" if auto == "ghost" else "ghost"
             cases.append((f"sqnorm {other}", other))
+        # the kernels take the route and the accumulation dtype explicitly (engm_fast.ops decides them)
+        acc = reference.accumulation_dtype(dtype)
+        w_acc = w.to(acc)
         rows = []
         for label, mode in cases:
             rows.append((label, *_paired(lambda: reference.per_example_sqnorm(a, b, mode),
-                                         lambda: ops.per_example_sqnorm(a, b, mode), args.rounds)))
+                                         lambda: ops.per_example_sqnorm(a, b, mode, acc), args.rounds)))
         rows.append(("weighted_outer_sum", *_paired(lambda: reference.weighted_outer_sum(a, b, w),
-                                                    lambda: ops.weighted_outer_sum(a, b, w), args.rounds)))
+                                                    lambda: ops.weighted_outer_sum(a, b, w_acc), args.rounds)))
         for label, ref_s, ours_s in rows:
             print(f"{name:<17} {B:>4} {T:>5} {f'{d_in}->{d_out}':>11}  {label:<22} "
                   f"{ref_s * 1e3:>9.3f}ms {ours_s * 1e3:>9.3f}ms {ours_s / ref_s:>8.2f}")

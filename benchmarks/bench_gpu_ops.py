@@ -10,7 +10,7 @@ would fit in it). Cases:
   ghost       per_example_sqnorm(a, b, "ghost") at small T vs plain bmm Gram matrices
               (input dtype, and the reference's float32 upcast); T = 1 row norms vs torch.
   route       ghost vs direct across T at a fixed layer size: which is faster, and what the
-              rule 2 T^2 <= d_in d_out picks (DESIGN.md asks to measure the rule).
+              rule 2 T^2 <= d_in d_out picks (the rule is a book-keeping default: measure it).
   weighted    weighted_outer_sum vs the unweighted torch.mm of the same size (target <= 1.1x),
               and vs the reference (scaled copy, then mm).
   update      sgd_momentum_update_ over a ResNet-18-sized list (62 tensors, 11.7M parameters)
@@ -162,11 +162,12 @@ def bench_direct(r: Runner, ops):
             es = torch.finfo(dtype).bits // 8
             per_set = B * T * (d_in + d_out) * es
             sets = make_rows(B, T, d_in, d_out, dtype, n_sets(per_set, r.l2))
-            ours = r.t(lambda a, b, w: ops.per_example_sqnorm(a, b, "direct"), sets)
+            acc = reference.accumulation_dtype(dtype)
+            ours = r.t(lambda a, b, w: ops.per_example_sqnorm(a, b, "direct", acc), sets)
             gemm = r.t(lambda a, b, w: torch.mm(b.view(B * T, d_out).t(), a.view(B * T, d_in)), sets)
             bmm = r.t(lambda a, b, w: torch.bmm(b.transpose(1, 2), a).float().pow(2).sum((1, 2)), sets)
             a, b, _ = sets[0]
-            check = rel_err(ops.per_example_sqnorm(a, b, "direct"),
+            check = rel_err(ops.per_example_sqnorm(a, b, "direct", acc),
                             torch.bmm(b.transpose(1, 2).float(), a.float()).pow(2).sum((1, 2)))
             flops = 2.0 * B * T * d_in * d_out
             r.add("direct", f"B{B} T{T} {d_in}->{d_out}", dn, flops, per_set + 4 * B, ours,
@@ -182,7 +183,8 @@ def bench_ghost(r: Runner, ops):
         es = torch.finfo(dtype).bits // 8
         per_set = B * T * 2 * d * es
         sets = make_rows(B, T, d, d, dtype, n_sets(per_set, r.l2))
-        ours = r.t(lambda a, b, w: ops.per_example_sqnorm(a, b, "ghost"), sets)
+        acc = reference.accumulation_dtype(dtype)
+        ours = r.t(lambda a, b, w: ops.per_example_sqnorm(a, b, "ghost", acc), sets)
 
         def bmm_native(a, b, w):
             ga = torch.bmm(a, a.transpose(1, 2)).float()
@@ -192,7 +194,7 @@ def bench_ghost(r: Runner, ops):
         native = r.t(bmm_native, sets)
         upcast = r.t(lambda a, b, w: reference.per_example_sqnorm(a, b, "ghost"), sets)
         a, b, _ = sets[0]
-        check = rel_err(ops.per_example_sqnorm(a, b, "ghost"), reference.per_example_sqnorm(a, b, "ghost"))
+        check = rel_err(ops.per_example_sqnorm(a, b, "ghost", acc), reference.per_example_sqnorm(a, b, "ghost"))
         flops = 2.0 * B * T * T * 2 * d
         r.add("ghost", f"B{B} T{T} {d}->{d}", dn, flops, per_set + 4 * B, ours,
               {"bmm(dtype)": native, "bmm(fp32 ref)": upcast}, check)
@@ -206,10 +208,11 @@ def bench_ghost(r: Runner, ops):
         g = torch.Generator(device="cuda").manual_seed(1)
         sets = [(torch.randn(B, d, device="cuda", dtype=dtype, generator=g),
                  torch.randn(B, d, device="cuda", dtype=dtype, generator=g)) for _ in range(n_sets(per_set, r.l2))]
-        ours = r.t(lambda a, b: ops.per_example_sqnorm(a, b, "auto"), sets)
+        acc = reference.accumulation_dtype(dtype)
+        ours = r.t(lambda a, b: ops.per_example_sqnorm(a, b, "ghost", acc), sets)  # T = 1: the row-norm kernel
         peer = r.t(lambda a, b: a.float().pow(2).sum(1) * b.float().pow(2).sum(1), sets)
         a, b = sets[0]
-        check = rel_err(ops.per_example_sqnorm(a, b), a.float().pow(2).sum(1) * b.float().pow(2).sum(1))
+        check = rel_err(ops.per_example_sqnorm(a, b, "ghost", acc), a.float().pow(2).sum(1) * b.float().pow(2).sum(1))
         r.add("rownorm", f"B{B} T1 {d}->{d}", dn, 4.0 * B * d, per_set + 4 * B, ours, {"torch pow.sum": peer}, check)
         del sets
 
@@ -220,8 +223,8 @@ def bench_route(r: Runner, ops):
         dn, dtype = "bf16", torch.bfloat16
         per_set = B * T * 2 * d * 2
         sets = make_rows(B, T, d, d, dtype, n_sets(per_set, r.l2))
-        ghost = r.t(lambda a, b, w: ops.per_example_sqnorm(a, b, "ghost"), sets)
-        direct = r.t(lambda a, b, w: ops.per_example_sqnorm(a, b, "direct"), sets)
+        ghost = r.t(lambda a, b, w: ops.per_example_sqnorm(a, b, "ghost", torch.float32), sets)
+        direct = r.t(lambda a, b, w: ops.per_example_sqnorm(a, b, "direct", torch.float32), sets)
         rule = reference.choose_sqnorm_route(T, d, d)
         faster = "ghost" if ghost < direct else "direct"
         flops = 2.0 * B * T * d * d if rule == "direct" else 2.0 * B * T * T * 2 * d
@@ -301,7 +304,7 @@ def main():
         raise SystemExit("bench_gpu_ops.py needs a CUDA GPU (torch.cuda.is_available() is False)")
     import engm_fast._C  # noqa: F401  (registers torch.ops.engm_fast.*)
     import engm_fast.ops  # noqa: F401
-    ops = torch.ops.engm_fast
+    ops = torch.ops.engm_fast  # the registered kernels: explicit route and accumulation dtype (engm_fast/reference.py)
     if not torch._C._dispatch_has_kernel_for_dispatch_key("engm_fast::per_example_sqnorm", "CUDA"):
         raise SystemExit("engm_fast._C was built without its CUDA kernels")
 

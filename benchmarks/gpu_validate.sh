@@ -11,7 +11,7 @@
 #      then pip install --no-deps --force-reinstall of that wheel       -> $OUT/01_build.log
 #      (the installed wheel, not the source tree, is what the next stages import: they run
 #      from a scratch directory with `python -P`, so the checkout is not on sys.path)
-#   3. pytest tests/test_cuda_ops.py [tests/test_triton_ops.py] tests/  -> $OUT/02_pytest.log
+#   3. pytest tests/test_ops.py [tests/test_triton_ops.py] tests/  -> $OUT/02_pytest.log
 #   4. benchmarks/bench_gpu_ops.py --out $OUT/gpu_ops.json              -> $OUT/03_bench.log
 #   5. engm-fast bench --device cuda --out $OUT/gpu_bench.json (ENGM vs vmap, BackPACK,
 #      Opacus; the peers come from .whl/ when carried, see benchmarks/fetch_peer_wheels.sh)
@@ -129,7 +129,7 @@ export -f build_and_install
 run_stage build 180 "$OUT/01_build.log" build_and_install
 
 # ------------------------------------------------------------------ 3. tests
-ENGM_TESTS="$REPO/tests/test_cuda_ops.py"
+ENGM_TESTS="$REPO/tests/test_ops.py"
 if [[ -f $REPO/tests/test_triton_ops.py ]]; then
   ENGM_TESTS+=" $REPO/tests/test_triton_ops.py"
 else

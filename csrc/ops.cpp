@@ -1,7 +1,10 @@
 // Operator schemas of the engm_fast library, declared once for every backend.
 //
-// Semantics are specified by engm_fast/reference.py (pure PyTorch); DESIGN.md section 1
-// derives them. Backends register implementations with TORCH_LIBRARY_IMPL:
+// What each op computes, its rounding and the deviation a backend may have, is the contract in
+// engm_fast/reference.py (with its pure-PyTorch definitions). The Python wrappers of
+// engm_fast/ops check the arguments and decide, once for every backend, what the kernels are
+// given explicitly here: the route of per_example_sqnorm and the accumulation dtype.
+// Backends register implementations with TORCH_LIBRARY_IMPL:
 //   csrc/cpu/*.cpp    CPU   (always built)
 //   csrc/cuda/*.cu    CUDA  (built only where torch has CUDA and nvcc is found)
 // Fake (meta) implementations for torch.compile / opcheck live in Python
@@ -34,16 +37,18 @@ PyMODINIT_FUNC PyInit__C(void) {
 
 TORCH_LIBRARY(engm_fast, m) {
   // ||b_i^T a_i||_F^2 for every example i. a: [B, T, d_in] or [B, d_in]; b: [B, T, d_out] or
-  // [B, d_out]; mode: "auto" | "ghost" | "direct". Returns [B] in float32 (float64 for
-  // float64 inputs).
-  m.def("per_example_sqnorm(Tensor a, Tensor b, str mode=\"auto\") -> Tensor");
-  // sum_i w_i b_i^T a_i, [d_out, d_in] in a's dtype. w: [B].
+  // [B, d_out]; mode: the route, "ghost" or "direct" (engm_fast.ops.per_example_sqnorm resolves
+  // "auto"); acc_dtype: float32 or float64, the dtype of the sums and of the [B] result.
+  m.def("per_example_sqnorm(Tensor a, Tensor b, str mode, ScalarType acc_dtype) -> Tensor");
+  // sum_i w_i b_i^T a_i, [d_out, d_in] in a's dtype. w: [B] in the accumulation dtype (float32 or
+  // float64), which the products w_r b_r are formed and summed in.
   m.def("weighted_outer_sum(Tensor a, Tensor b, Tensor w) -> Tensor");
-  // One SGD-momentum step over lists of tensors (torch.optim.SGD's arithmetic), in place:
+  // One SGD-momentum step over lists of tensors (torch.optim.SGD's arithmetic), in place, in the
+  // accumulation dtype, rounding only the stored buffer and parameter:
   //   d = grad + weight_decay * param
   //   buf = d                                    (first_step)
   //   buf = momentum * buf + (1 - dampening) * d (otherwise); skipped when momentum == 0
-  //   d = d + momentum * buf (nesterov) or buf
+  //   d = d + momentum * buf (nesterov) or buf   (the stored buffer)
   //   param -= lr * d
   // momentum_buffers is empty when momentum == 0, else one per param. All lists hold tensors
   // of one device; each param/grad/buffer triple shares shape and dtype.

@@ -6,12 +6,14 @@ compute the right numbers. ``tests/cuda_emulation/harness.cpp`` is compiled with
 compiler against the kernel headers (plus ``emu.h``, which supplies threads, barriers, warp
 shuffles, cp.async and wmma) and compares every route of per_example_sqnorm, the split-K
 weighted_outer_sum and the multi-tensor SGD update with float64 references, for fp16, bf16,
-float and double, on odd shapes, padded strides and misaligned pointers. It runs three times:
+float and double, on odd shapes, padded strides and misaligned pointers, with the tolerances of
+engm_fast/reference.py's table (passed on the command line; the SGD update must equal its own
+arithmetic exactly). It runs three times:
 asynchronous copies landing at their wait, and landing at issue with two thread orders (a
 missing wait or barrier changes the result in one of them).
 
 Skipped when no C++20 compiler or no CUDA headers (cuda_fp16.h) are found. The emulation is
-no substitute for the device tests (tests/test_cuda_ops.py): see emu.h for what it cannot see.
+no substitute for the device tests (tests/test_ops.py on a GPU): see emu.h for what it cannot see.
 """
 from __future__ import annotations
 
@@ -22,6 +24,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
+
+from engm_fast.reference import TOLERANCE
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -64,9 +69,19 @@ def harness(tmp_path_factory) -> Path:
     return exe
 
 
+_TYPE_NAMES = {torch.float64: "fp64", torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def _tolerance_args() -> list[str]:
+    """reference.TOLERANCE as the harness's OP:TYPE=TOL arguments."""
+    return [f"{op}:{_TYPE_NAMES[dtype]}={getattr(tol, op)!r}"
+            for dtype, tol in TOLERANCE.items() for op in ("sqnorm", "outer")]
+
+
 @pytest.mark.parametrize("copies", ["late", "early", "reverse"])
 def test_kernels_under_emulation(harness, copies):
-    proc = subprocess.run([str(harness), "all", copies], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([str(harness), "all", copies, *_tolerance_args()], capture_output=True, text=True,
+                          timeout=600)
     tail = (proc.stdout + proc.stderr)[-4000:]
     assert proc.returncode == 0, f"emulated kernels disagree with the references ({copies} copies):\n{tail}"
     assert " 0 failures" in proc.stdout, tail

@@ -380,3 +380,36 @@ def test_module_without_rule_is_followed_or_falls_back():
     x, y = torch.randn(5, 3, 4, dtype=DT), torch.randint(0, 3, (5,))
     engine = _check(model, lambda m, i: F.cross_entropy(m(x[i]).mean(1), y[i], reduction="none"), 5)
     assert engine.module_kinds()["1"] == "generic" and engine.fallback_modules == ["2"]
+
+
+class TimeMajorTagger(nn.Module):
+    """The classic time-major layout: Embedding on [T, B] ids, nn.LSTM(batch_first=False), Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.rnn, self.head = nn.Embedding(11, 6), nn.LSTM(6, 5), nn.Linear(5, 3)
+
+    def forward(self, ids_tb):
+        out, _ = self.rnn(self.emb(ids_tb))
+        return self.head(out[-1])
+
+
+@pytest.mark.parametrize("B,T", [(3, 5), (1, 4)])
+def test_time_major_embedding_into_recurrent_layer(B, T):
+    ids, y = torch.randint(0, 11, (B, T)), torch.randint(0, 3, (B,))
+    _check(TimeMajorTagger(), lambda m, i: F.cross_entropy(m(ids[i].t()), y[i], reduction="none"), B)
+
+
+def test_time_major_with_length_equal_to_batch_needs_batch_dim():
+    """T == B cannot be told apart from a batch-first call: engine.batch_dim(1) says it."""
+    B = T = 4
+    ids, y = torch.randint(0, 11, (B, T)), torch.randint(0, 3, (B,))
+    model = TimeMajorTagger().double()
+    ref = loop_per_example_grads(model, lambda m, i: F.cross_entropy(m(ids[i].t()), y[i], reduction="none"), B)
+    engine = engm_fast.attach(model)
+    with engine.batch_dim(1):
+        losses = F.cross_entropy(model(ids.t()), y, reduction="none")
+    norms = engine.backward(losses).sqnorms().sqrt()
+    torch.testing.assert_close(norms, torch.sqrt(sum(g.flatten(1).pow(2).sum(1) for g in ref.values())),
+                               rtol=1e-9, atol=0.0)
+    engm_fast.release(model)

@@ -1,6 +1,4 @@
 """Temporal ensembling vs a step-by-step reference of the paper's code (PGD_TE / TRADES_TE)."""
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -30,23 +28,33 @@ class PaperTE:
         return None
 
 
-def paper_rampup(current, start_es, end_es):
-    if current < start_es:
-        return 0.0
-    if current > end_es:
-        return 1.0
-    phase = 1.0 - (current - start_es) / (end_es - start_es)
-    return math.exp(-5.0 * phase * phase)
+# The official code's ramp-up (Dong et al., ICLR 2022; `sigmoid_rampup(current, start_es, end_es)`
+# in their training script): 0 before start_es, 1 after end_es, otherwise exp(-5 phase^2) with
+# phase = 1 - (current - start_es) / (end_es - start_es). Expected values for the paper's
+# schedule (start_es = 90, end_es = 150 of 200 epochs), phase worked out by hand and the
+# exponential in 40-digit decimal arithmetic (decimal.Decimal(x).exp()), not by the code under test:
+#   e =  90: phase = 1     r = exp(-5)      = 0.006737946999085467
+#   e = 105: phase = 3/4   r = exp(-2.8125) = 0.06005466789530794
+#   e = 120: phase = 1/2   r = exp(-1.25)   = 0.2865047968601901
+#   e = 135: phase = 1/4   r = exp(-0.3125) = 0.7316156289466418
+#   e = 144: phase = 1/10  r = exp(-0.05)   = 0.951229424500714
+#   e = 150: phase = 0     r = exp(0)       = 1
+RAMPUP_90_150 = {90: 0.006737946999085467, 105: 0.06005466789530794, 120: 0.2865047968601901,
+                 135: 0.7316156289466418, 144: 0.951229424500714, 150: 1.0}
 
 
 def test_rampup_and_schedule():
-    for e in range(210):
-        assert sigmoid_rampup(e, 90, 150) == paper_rampup(e, 90, 150)
+    for e, r in RAMPUP_90_150.items():
+        assert sigmoid_rampup(e, 90, 150) == pytest.approx(r, rel=1e-15, abs=0), e
+    values = [sigmoid_rampup(e, 90, 150) for e in range(210)]
+    assert values[:90] == [0.0] * 90  # before start_es
+    assert values[150:] == [1.0] * 60  # from end_es on
+    assert all(x < y for x, y in zip(values[90:150], values[91:151]))  # rising in between
     assert te_schedule(200) == (90, 150)
     assert te_schedule(20) == (9, 15)
     te = TemporalEnsembling(5, 3, epochs=200)
     assert (te.es, te.ee, te.momentum, te.reg_weight) == (90, 150, 0.9, 300.0)
-    assert te.weight(120) == pytest.approx(300.0 * math.exp(-5 * 0.25), rel=1e-15)
+    assert te.weight(120) == pytest.approx(300.0 * 0.2865047968601901, rel=1e-15)  # W r(120), r as above
 
 
 def test_table_update_matches_paper_step_by_step():

@@ -1,25 +1,25 @@
 // CPU implementations of the engm_fast ops (schemas in csrc/ops.cpp).
 //
-// Semantics match engm_fast/reference.py exactly (shapes, dtypes, routes); only the way the
-// work is scheduled differs:
+// What they compute, and the deviation allowed, is the contract of engm_fast/reference.py; the
+// op wrappers of engm_fast/ops decide the route and the accumulation dtype and pass them in.
+// Only the way the work is scheduled is this file's:
 //
-//   per_example_sqnorm(a, b, mode)  ->  n_i^2 = ||b_i^T a_i||_F^2, [B]
-//     row norms  T == 1 (unless mode == "direct"): n_i^2 = ||a_i||^2 ||b_i||^2.
-//     ghost      n_i^2 = sum_{t,s} (a_it . a_is)(b_it . b_is), computed per example from tiles
-//                of the two Gram matrices, reduced tile by tile: never a B x T x T tensor,
-//                not even one T x T matrix when T > kGramTile.
-//     direct     g_i = b_i^T a_i computed per example in a per-thread tile of at most
-//                kDirectTileElements elements and reduced at once: memory is independent of B
-//                (and bounded for huge layers).
-//     auto       ghost iff 2 T^2 <= d_in d_out (reference.choose_sqnorm_route).
-//   weighted_outer_sum(a, b, w)  ->  sum_i w_i b_i^T a_i = (w * b)^T a, one GEMM.
+//   per_example_sqnorm(a, b, mode, acc_dtype)  ->  n_i^2 = ||b_i^T a_i||_F^2, [B] in acc_dtype
+//     ghost, T == 1  n_i^2 = ||a_i||^2 ||b_i||^2 straight from the input rows.
+//     ghost          n_i^2 = sum_{t,s} (a_it . a_is)(b_it . b_is), computed per example from tiles
+//                    of the two Gram matrices, reduced tile by tile: never a B x T x T tensor,
+//                    not even one T x T matrix when T > kGramTile.
+//     direct         g_i = b_i^T a_i computed per example in a per-thread tile of at most
+//                    kDirectTileElements elements and reduced at once: memory is independent of
+//                    B (and bounded for huge layers).
+//   weighted_outer_sum(a, b, w)  ->  sum_i w_i b_i^T a_i = (w * b)^T a, one GEMM in w's dtype
+//     (the accumulation dtype), the products w_r b_r rounded to the inputs' dtype.
 //
-// Precision: inputs of 16 and 32 bits are computed in float32, float64 in float64 (16-bit
-// inputs are upcast one example, or one bounded chunk, at a time). Sums of squares and the
-// Gram dot products use 16 lanes of the accumulation dtype over blocks of 1024 elements and
-// add the block sums in double: each float32 partial sum has at most 64 terms (worst-case
-// relative error ~64 * 6e-8 = 4e-6) however long the sum is, e.g. the 4M entries of a
-// 2048 x 2048 g_i.
+// Precision: inputs are converted to the accumulation dtype (16-bit inputs one example, or one
+// bounded chunk, at a time). Sums of squares and the Gram dot products use 16 lanes of the
+// accumulation dtype over blocks of 1024 elements and add the block sums in double: each float32
+// partial sum has at most 64 terms (worst-case relative error ~64 * 6e-8 = 4e-6) however long
+// the sum is, e.g. the 4M entries of a 2048 x 2048 g_i.
 //
 // Threading: examples are independent, so the GEMM routes parallelize over examples with
 // at::parallel_for (one chunk of examples per thread, buffers allocated once per chunk) and
@@ -29,22 +29,23 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
+#include "op_checks.h"
+
 #include <algorithm>
 #include <cstdint>
-#include <string>
 #include <type_traits>
+#include <utility>
 
 namespace engm_fast {
 namespace {
 
-// Bound on the per-thread tile of g_i in the direct route, and on the per-chunk fp32 copies of
-// 16-bit inputs in weighted_outer_sum: 2^22 elements = 16 MiB in float32 (the same bound as
-// reference._DIRECT_CHUNK_ELEMENTS).
+// Bound on the per-thread tile of g_i in the direct route, and on the per-chunk copies that
+// weighted_outer_sum converts to the accumulation dtype: 2^22 elements = 16 MiB in float32 (the
+// same bound as reference._DIRECT_CHUNK_ELEMENTS).
 constexpr int64_t kDirectTileElements = int64_t{1} << 22;
 
 // Side of a Gram tile in the ghost route: a 256 x 256 float32 tile is 256 KiB, so the a- and
@@ -101,25 +102,25 @@ ENGM_FAST_MULTIVERSION double dot_block(const double* x, const double* y, int64_
   return dot_lanes(x, y, n);
 }
 
-// sum_j x_j * y_j in double, from float32 (float64) block sums. 16-bit inputs are converted
-// to float32 one block at a time on the stack.
-template <typename scalar_t>
+// sum_j x_j * y_j in double, from block sums in acc_t (float or double). Inputs of another type
+// are converted to acc_t one block at a time on the stack.
+template <typename acc_t, typename scalar_t>
 double blocked_dot(const scalar_t* x, const scalar_t* y, int64_t n) {
   double total = 0.0;
   for (int64_t start = 0; start < n; start += kBlock) {
     const int64_t len = std::min(kBlock, n - start);
-    if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
       total += static_cast<double>(dot_block(x + start, y + start, len));
     } else {
-      float xf[kBlock];
-      float yf[kBlock];
+      acc_t xf[kBlock];
+      acc_t yf[kBlock];
       for (int64_t j = 0; j < len; ++j) {
-        xf[j] = static_cast<float>(x[start + j]);
+        xf[j] = static_cast<acc_t>(x[start + j]);
       }
-      const float* yp = xf;
+      const acc_t* yp = xf;
       if (y != x) {  // squares (row norms) convert once
         for (int64_t j = 0; j < len; ++j) {
-          yf[j] = static_cast<float>(y[start + j]);
+          yf[j] = static_cast<acc_t>(y[start + j]);
         }
         yp = yf;
       }
@@ -129,44 +130,11 @@ double blocked_dot(const scalar_t* x, const scalar_t* y, int64_t n) {
   return total;
 }
 
-bool is_supported_dtype(at::ScalarType t) {
-  return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble;
-}
-
-// float64 for float64 inputs, float32 for the other supported dtypes (reference.accumulation_dtype).
-at::ScalarType accumulation_dtype(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-// a and b as contiguous [B, T, d] tensors, detached (the kernels call ATen ops on slices and
-// must not build autograd graphs), after the checks of reference._as_batched_rows.
-struct BatchedRows {
-  at::Tensor a, b;
-  int64_t B, T, d_in, d_out;
-};
-
-BatchedRows as_batched_rows(const at::Tensor& a, const at::Tensor& b, const char* op) {
-  TORCH_CHECK(
-      (a.dim() == 2 || a.dim() == 3) && b.dim() == a.dim(),
-      op, ": a and b must both be [B, T, d] or both [B, d]; got a ", a.sizes(), " and b ",
-      b.sizes());
-  TORCH_CHECK(
-      a.size(0) == b.size(0) && (a.dim() == 2 || a.size(1) == b.size(1)),
-      op, ": a and b must agree in B (and T); got a ", a.sizes(), " and b ", b.sizes());
-  TORCH_CHECK(
-      a.scalar_type() == b.scalar_type() && is_supported_dtype(a.scalar_type()),
-      op, ": a and b must share one dtype among float16, bfloat16, float32, float64; got ",
-      a.scalar_type(), " and ", b.scalar_type());
-  TORCH_CHECK(
-      a.device() == b.device(),
-      op, ": a and b are on different devices (", a.device(), ", ", b.device(), ")");
-  BatchedRows r;
-  r.a = (a.dim() == 2 ? a.unsqueeze(1) : a).detach().contiguous();
-  r.b = (b.dim() == 2 ? b.unsqueeze(1) : b).detach().contiguous();
-  r.B = r.a.size(0);
-  r.T = r.a.size(1);
-  r.d_in = r.a.size(2);
-  r.d_out = r.b.size(2);
+// a and b as contiguous [B, T, d] tensors (the GEMMs below run on slices of them).
+BatchedRows contiguous_rows(const at::Tensor& a, const at::Tensor& b, const char* op) {
+  BatchedRows r = batched_rows(a, b, op);
+  r.a = r.a.contiguous();
+  r.b = r.b.contiguous();
   return r;
 }
 
@@ -207,41 +175,28 @@ at::Tensor upcast_buffer(const at::Tensor& x3, at::ScalarType acc, int64_t group
   return at::empty({group, x3.size(1), x3.size(2)}, x3.options().dtype(acc));
 }
 
-enum class Route { RowNorms, Ghost, Direct };
-
-Route choose_route(const std::string& mode, int64_t T, int64_t d_in, int64_t d_out) {
-  if (mode == "direct") {
-    return Route::Direct;
-  }
-  if (T == 1) {
-    return Route::RowNorms;  // Gram matrices are 1 x 1; "ghost" and "auto" agree.
-  }
-  if (mode == "ghost") {
-    return Route::Ghost;
-  }
-  // auto: ghost costs O(T^2 (d_in + d_out)) per example, direct O(T d_in d_out).
-  return 2 * T * T <= d_in * d_out ? Route::Ghost : Route::Direct;
-}
-
 // n_i^2 = ||a_i||^2 ||b_i||^2 for T == 1, straight from the input rows (any supported dtype).
-void sqnorm_row_norms(const BatchedRows& r, at::Tensor& out) {
+void sqnorm_row_norms(const BatchedRows& r, at::ScalarType acc, at::Tensor& out) {
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, r.a.scalar_type(), "per_example_sqnorm_rows", [&] {
-        using acc_t = at::opmath_type<scalar_t>;  // float for 16/32-bit, double for double
-        const scalar_t* a_ptr = r.a.const_data_ptr<scalar_t>();
-        const scalar_t* b_ptr = r.b.const_data_ptr<scalar_t>();
-        acc_t* out_ptr = out.mutable_data_ptr<acc_t>();
-        const int64_t d_in = r.d_in, d_out = r.d_out;
-        // ~32K elements per task (at::internal::GRAIN_SIZE) amortizes the thread start-up.
-        const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / (d_in + d_out));
-        at::parallel_for(0, r.B, grain, [&](int64_t begin, int64_t end) {
-          for (int64_t i = begin; i < end; ++i) {
-            const scalar_t* ai = a_ptr + i * d_in;
-            const scalar_t* bi = b_ptr + i * d_out;
-            const double na = blocked_dot<scalar_t>(ai, ai, d_in);
-            const double nb = blocked_dot<scalar_t>(bi, bi, d_out);
-            out_ptr[i] = static_cast<acc_t>(na * nb);
-          }
+        using input_t = scalar_t;
+        AT_DISPATCH_FLOATING_TYPES(acc, "per_example_sqnorm_rows_acc", [&] {
+          using acc_t = scalar_t;
+          const input_t* a_ptr = r.a.const_data_ptr<input_t>();
+          const input_t* b_ptr = r.b.const_data_ptr<input_t>();
+          acc_t* out_ptr = out.mutable_data_ptr<acc_t>();
+          const int64_t d_in = r.d_in, d_out = r.d_out;
+          // ~32K elements per task (at::internal::GRAIN_SIZE) amortizes the thread start-up.
+          const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / (d_in + d_out));
+          at::parallel_for(0, r.B, grain, [&](int64_t begin, int64_t end) {
+            for (int64_t i = begin; i < end; ++i) {
+              const input_t* ai = a_ptr + i * d_in;
+              const input_t* bi = b_ptr + i * d_out;
+              const double na = blocked_dot<acc_t>(ai, ai, d_in);
+              const double nb = blocked_dot<acc_t>(bi, bi, d_out);
+              out_ptr[i] = static_cast<acc_t>(na * nb);
+            }
+          });
         });
       });
 }
@@ -333,13 +288,11 @@ void sqnorm_direct(const BatchedRows& r, at::ScalarType acc, at::Tensor& out) {
   });
 }
 
-at::Tensor per_example_sqnorm_cpu(const at::Tensor& a, const at::Tensor& b, c10::string_view mode_view) {
-  const std::string mode(mode_view.data(), mode_view.size());
-  TORCH_CHECK(
-      mode == "auto" || mode == "ghost" || mode == "direct",
-      "per_example_sqnorm: mode must be one of ('auto', 'ghost', 'direct'), got '", mode, "'");
-  const BatchedRows r = as_batched_rows(a, b, "per_example_sqnorm");
-  const at::ScalarType acc = accumulation_dtype(r.a.scalar_type());
+at::Tensor per_example_sqnorm_cpu(
+    const at::Tensor& a, const at::Tensor& b, c10::string_view mode, at::ScalarType acc) {
+  const bool ghost = is_ghost_mode(mode);
+  check_accumulation_dtype(acc, "per_example_sqnorm", "acc_dtype");
+  const BatchedRows r = contiguous_rows(a, b, "per_example_sqnorm");
   if (r.T == 0 || r.d_in == 0 || r.d_out == 0) {
     return at::zeros({r.B}, r.a.options().dtype(acc));  // empty sums (also covers B == 0)
   }
@@ -347,53 +300,48 @@ at::Tensor per_example_sqnorm_cpu(const at::Tensor& a, const at::Tensor& b, c10:
   if (r.B == 0) {
     return out;
   }
-  switch (choose_route(mode, r.T, r.d_in, r.d_out)) {
-    case Route::RowNorms:
-      sqnorm_row_norms(r, out);
-      break;
-    case Route::Ghost:
-      sqnorm_ghost(r, acc, out);
-      break;
-    case Route::Direct:
-      sqnorm_direct(r, acc, out);
-      break;
+  if (ghost && r.T == 1) {
+    sqnorm_row_norms(r, acc, out);  // 1 x 1 Gram matrices
+  } else if (ghost) {
+    sqnorm_ghost(r, acc, out);
+  } else {
+    sqnorm_direct(r, acc, out);
   }
   return out;
 }
 
-// sum_i w_i b_i^T a_i as (w * b)^T a over the B*T rows: one GEMM. The weight is folded into the
-// narrower of the two operands (b when d_out <= d_in, else a; the result is the same), which
-// makes the extra elementwise pass as small as possible; BLAS cannot scale rows on load.
-// 16-bit inputs: the GEMM runs in float32 on upcast chunks of at most kDirectTileElements
-// elements per operand (the weight folded into the upcast copy in place, no extra pass), and
-// the float32 sum is rounded once to the output dtype.
+// sum_i w_i b_i^T a_i as (w * b)^T a over the B*T rows: one GEMM in the accumulation dtype, w's.
+// The GEMM operand is round_D(w_r b_r) (engm_fast/reference.py): for inputs narrower than the
+// accumulation dtype the weight goes into b and the product is rounded to the inputs' dtype D.
+// Otherwise that rounding is the accumulation dtype's own, and the weight goes into the narrower
+// of the two operands (b when d_out <= d_in, else a: the same bound), which makes the extra
+// elementwise pass as small as possible; BLAS cannot scale rows on load.
+// Inputs narrower than the accumulation dtype: the GEMM runs on converted chunks of at most
+// kDirectTileElements elements per operand (the weight folded into the converted copy in place,
+// no extra pass), and the sum is rounded once to D.
 at::Tensor weighted_outer_sum_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& w) {
-  const BatchedRows r = as_batched_rows(a, b, "weighted_outer_sum");
-  TORCH_CHECK(
-      w.dim() == 1 && w.size(0) == r.B,
-      "weighted_outer_sum: w must be [B] = [", r.B, "], got ", w.sizes(), " (a ", a.sizes(),
-      ", b ", b.sizes(), ")");
-  TORCH_CHECK(
-      w.device() == r.a.device(),
-      "weighted_outer_sum: w is on ", w.device(), ", a and b on ", r.a.device());
-  TORCH_CHECK(
-      !w.is_complex(), "weighted_outer_sum: w must be real, got ", w.scalar_type());
+  const BatchedRows r = contiguous_rows(a, b, "weighted_outer_sum");
+  check_weights(w, r, a, b);
   const int64_t B = r.B, T = r.T, d_in = r.d_in, d_out = r.d_out;
   const at::ScalarType dtype = r.a.scalar_type();
-  const at::ScalarType acc = accumulation_dtype(dtype);
-  const bool weight_b = d_out <= d_in;
-  const at::Tensor w_acc = w.detach().to(acc);
+  const at::ScalarType acc = w.scalar_type();
+  const bool round_products = dtype != acc;
+  const bool weight_b = round_products || d_out <= d_in;
+  const at::Tensor w_acc = w.detach();
 
   // Weighted [n*T, d] rows of examples [s, s + n) of a and b, in acc.
   auto rows_of = [&](int64_t s, int64_t n) {
     at::Tensor a_c = r.a.narrow(0, s, n).to(acc);  // no copy when already acc
     at::Tensor b_c = r.b.narrow(0, s, n).to(acc);
     const at::Tensor w_c = w_acc.narrow(0, s, n).view({n, 1, 1});
-    const bool upcast = dtype != acc;  // the copies are ours: scale them in place
+    const bool converted = dtype != acc;  // the copies are ours: scale them in place
     if (weight_b) {
-      b_c = upcast ? b_c.mul_(w_c) : b_c * w_c;
+      b_c = converted ? b_c.mul_(w_c) : b_c * w_c;
+      if (round_products) {
+        b_c.copy_(b_c.to(dtype));  // round_D(w_r b_r)
+      }
     } else {
-      a_c = upcast ? a_c.mul_(w_c) : a_c * w_c;
+      a_c = converted ? a_c.mul_(w_c) : a_c * w_c;
     }
     return std::make_pair(a_c.reshape({n * T, d_in}), b_c.reshape({n * T, d_out}));
   };

@@ -1,18 +1,16 @@
 // CPU implementation of engm_fast::sgd_momentum_update_ (schema in csrc/ops.cpp), the fused
-// torch.optim.SGD step of engm_fast/reference.py::sgd_momentum_update_:
+// torch.optim.SGD step whose arithmetic and rounding engm_fast/reference.py defines:
 //
 //   d   = grad + weight_decay * param                 (weight_decay == 0: d = grad)
-//   buf = d                                           (first_step)
-//   buf = momentum * buf + (1 - dampening) * d        (otherwise; no buffer when momentum == 0)
-//   d   = d + momentum * buf  (nesterov)  or  buf
-//   param -= lr * d
+//   m   = d  (first_step)  |  momentum * buf + (1 - dampening) * d    (no buffer when momentum == 0)
+//   buf = round(m)
+//   s   = d + momentum * buf  (nesterov)  |  buf
+//   param = round(param - lr * s)
 //
-// One pass over memory per element (read param, grad, buf; write param, buf) instead of the
-// reference's 4-6 elementwise ATen passes. The arithmetic is done in at::opmath_type: float32
-// for float16 / bfloat16 / float32 tensors, float64 for float64; a 16-bit param and buffer are
-// rounded once, when stored (the reference rounds after every elementwise op, so 16-bit results
-// differ from it by up to a few units in the last place; float32 / float64 follow the same
-// operation order as the reference).
+// in the accumulation dtype (at::opmath_type: float32 for float16 / bfloat16 / float32 tensors,
+// float64 for float64, as reference.accumulation_dtype), each stored value rounded once. One
+// pass over memory per element (read param, grad, buf; write param, buf) instead of the
+// reference's elementwise ATen passes.
 //
 // Threading: the elements of all tensors form one index range [0, total) that a single
 // at::parallel_for splits, so a model with many small tensors (biases, norms) pays for one
@@ -27,16 +25,14 @@
 #include <c10/util/irange.h>
 #include <torch/library.h>
 
+#include "op_checks.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <vector>
 
 namespace engm_fast {
 namespace {
-
-bool is_supported_dtype(at::ScalarType t) {
-  return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble;
-}
 
 struct Hyper {
   double lr, momentum, dampening, weight_decay;
@@ -72,8 +68,8 @@ void update_range(
     }
     const opmath_t b = h.first_step ? d : mu * static_cast<opmath_t>(buf[j]) + keep * d;
     buf[j] = static_cast<scalar_t>(b);
-    // As in the reference, the step uses the buffer as stored: for 16-bit buffers the rounded
-    // value, so that the parameter moves by exactly what the buffer carries to the next step.
+    // The step uses the buffer as stored (the contract): for 16-bit buffers the rounded value,
+    // so that the parameter moves by exactly what the buffer carries to the next step.
     const opmath_t stored = static_cast<opmath_t>(buf[j]);
     const opmath_t step = h.nesterov ? d + mu * stored : stored;
     p[j] = static_cast<scalar_t>(pj - lr * step);
@@ -96,11 +92,11 @@ void sgd_momentum_update_cpu(
     at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, double lr,
     double momentum, double dampening, double weight_decay, bool nesterov, bool first_step) {
   const bool has_momentum = momentum != 0.0;
+  const std::optional<at::Device> device =
+      check_update_args(params, grads, momentum_buffers, has_momentum);
   TORCH_CHECK_VALUE(
-      params.size() == grads.size() && (!has_momentum || momentum_buffers.size() == params.size()),
-      "sgd_momentum_update_: got ", params.size(), " params, ", grads.size(), " grads and ",
-      momentum_buffers.size(),
-      " momentum buffers (buffers: one per param when momentum != 0)");
+      !device || device->is_cpu(), "sgd_momentum_update_ (CPU): the tensors are on ", *device,
+      "; all must be on the CPU");
   const Hyper h{lr, momentum, dampening, weight_decay, nesterov, first_step};
 
   std::vector<Work> work;
@@ -108,29 +104,7 @@ void sgd_momentum_update_cpu(
   for (const auto i : c10::irange(params.size())) {
     const at::Tensor& p = params[i];
     const at::Tensor& g = grads[i];
-    TORCH_CHECK_VALUE(
-        p.sizes() == g.sizes(), "sgd_momentum_update_: param ", i, " has shape ", p.sizes(),
-        ", grad ", g.sizes());
-    TORCH_CHECK_TYPE(
-        is_supported_dtype(p.scalar_type()) && g.scalar_type() == p.scalar_type(),
-        "sgd_momentum_update_: param ", i, " and its grad must share one dtype among float16, "
-        "bfloat16, float32, float64; got ", p.scalar_type(), " and ", g.scalar_type());
-    TORCH_CHECK_VALUE(
-        p.device().is_cpu() && g.device().is_cpu(), "sgd_momentum_update_ (CPU): param ", i,
-        " is on ", p.device(), ", its grad on ", g.device(), "; all tensors must be on the CPU");
-    at::Tensor buf;
-    if (has_momentum) {
-      buf = momentum_buffers[i];
-      TORCH_CHECK_VALUE(
-          buf.sizes() == p.sizes(), "sgd_momentum_update_: momentum buffer ", i, " has shape ",
-          buf.sizes(), ", param ", p.sizes());
-      TORCH_CHECK_TYPE(
-          buf.scalar_type() == p.scalar_type(), "sgd_momentum_update_: momentum buffer ", i,
-          " is ", buf.scalar_type(), ", its param ", p.scalar_type(), " (they must match)");
-      TORCH_CHECK_VALUE(
-          buf.device().is_cpu(), "sgd_momentum_update_ (CPU): momentum buffer ", i, " is on ",
-          buf.device(), "; all tensors must be on the CPU");
-    }
+    const at::Tensor buf = has_momentum ? momentum_buffers[i] : at::Tensor();
     Work w;
     if (p.is_non_overlapping_and_dense() && same_dense_layout(p, g) && same_dense_layout(p, buf)) {
       w.p = p;

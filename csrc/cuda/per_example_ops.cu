@@ -1,17 +1,22 @@
 // CUDA implementations of the engm_fast ops (schemas in csrc/ops.cpp): the thin binding.
 //
-// Checks (the CPU path's messages and error cases, csrc/cpu/per_example_ops.cpp), dtype
-// dispatch, workspace allocation through torch's caching allocator, and launches on the
-// current stream. The kernels are torch-free (csrc/cuda/kernels/*.cuh) and compiled, with
-// their explicit instantiations, in csrc/cuda/kernels/*.cu; this file only calls their host
-// launchers.
+// Checks (csrc/op_checks.h, shared with the CPU path), dtype dispatch, workspace allocation
+// through torch's caching allocator, and launches on the current stream. What the ops compute
+// is the contract of engm_fast/reference.py; the op wrappers of engm_fast/ops decide the route
+// and the accumulation dtype and pass them in. The kernels are torch-free
+// (csrc/cuda/kernels/*.cuh) and compiled, with their explicit instantiations, in
+// csrc/cuda/kernels/*.cu; this file only calls their host launchers.
 //
-//   per_example_sqnorm(a, b, mode)  -> [B], float32 (float64 for float64 inputs)
-//     route rule as on the CPU: "direct" -> direct; T == 1 -> row norms; "ghost" -> ghost;
-//     "auto" -> ghost iff 2 T^2 <= d_in d_out.
-//   weighted_outer_sum(a, b, w)     -> [d_out, d_in] in a's dtype; w is rounded to the inputs'
-//     dtype first, as reference.py's `w.to(b.dtype)`.
+//   per_example_sqnorm(a, b, mode, acc_dtype)  -> [B] in acc_dtype
+//     "ghost" -> the row-norm kernel when T == 1 (1 x 1 Gram matrices), else the ghost kernel;
+//     "direct" -> the direct kernel.
+//   weighted_outer_sum(a, b, w)     -> [d_out, d_in] in a's dtype; w in the accumulation dtype
+//     (the kernels fold it into b on load and round each product to the inputs' dtype).
 //   sgd_momentum_update_(params, grads, momentum_buffers, ...)  one launch for all tensors.
+//
+// The kernels are instantiated for one accumulation type per element type (kernels/common.cuh,
+// AccType: the types reference.accumulation_dtype names); an acc_dtype (or w dtype) they were
+// not built for is refused with an error naming both.
 //
 // Requirements: compute capability 8.0 or newer; inputs on one CUDA device. Inputs whose
 // last dimension is not contiguous are copied (the kernels read features contiguously);
@@ -31,6 +36,7 @@
 #include "cuda/kernels/per_example_sqnorm.cuh"
 #include "cuda/kernels/sgd_momentum.cuh"
 #include "cuda/kernels/weighted_outer_sum.cuh"
+#include "op_checks.h"
 
 namespace engm_fast {
 namespace {
@@ -55,11 +61,18 @@ static_assert(sizeof(at::Half) == sizeof(__half) && alignof(at::Half) == alignof
 static_assert(sizeof(at::BFloat16) == sizeof(__nv_bfloat16) && alignof(at::BFloat16) == alignof(__nv_bfloat16),
               "bf16 layout");
 
-bool is_supported_dtype(at::ScalarType t) {
-  return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble;
+// The accumulation dtype the kernels for element type T are instantiated with.
+template <typename T>
+constexpr at::ScalarType kernel_accumulation_dtype() {
+  return c10::CppTypeToScalarType<kc::acc_t<T>>::value;
 }
 
-at::ScalarType accumulation_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+// Refuses an accumulation dtype the kernels for `input` (element type T) were not built for.
+template <typename T>
+void check_kernel_accumulation(at::ScalarType requested, at::ScalarType input, const char* op, const char* what) {
+  TORCH_CHECK(requested == kernel_accumulation_dtype<T>(), op, " (CUDA): the kernels accumulate ", input,
+              " inputs in ", kernel_accumulation_dtype<T>(), "; got ", what, " ", requested);
+}
 
 // The kernels use cp.async and bf16 tensor-core MMA (sm_80+).
 void check_device(const at::Device& device, const char* op) {
@@ -73,65 +86,37 @@ void check_device(const at::Device& device, const char* op) {
 // meaningless stride does not disable aligned vector copies.
 int64_t kernel_stride(const at::Tensor& x, int64_t dim) { return x.size(dim) == 1 ? 0 : x.stride(dim); }
 
-// a and b as [B, T, d] with a contiguous last dimension, after the checks of
-// reference._as_batched_rows (messages as csrc/cpu/per_example_ops.cpp).
-struct BatchedRows {
-  at::Tensor a, b;
-  int64_t B, T, d_in, d_out;
-};
-
-at::Tensor rows3(const at::Tensor& x) {
-  at::Tensor y = (x.dim() == 2 ? x.unsqueeze(1) : x).detach();
-  if (y.size(2) > 1 && y.stride(2) != 1) y = y.contiguous();
-  return y;
+// a and b as [B, T, d] with a contiguous last dimension, after the checks of csrc/op_checks.h.
+at::Tensor last_dim_contiguous(const at::Tensor& x) {
+  return x.size(2) > 1 && x.stride(2) != 1 ? x.contiguous() : x;
 }
 
-BatchedRows as_batched_rows(const at::Tensor& a, const at::Tensor& b, const char* op) {
-  TORCH_CHECK((a.dim() == 2 || a.dim() == 3) && b.dim() == a.dim(), op,
-              ": a and b must both be [B, T, d] or both [B, d]; got a ", a.sizes(), " and b ", b.sizes());
-  TORCH_CHECK(a.size(0) == b.size(0) && (a.dim() == 2 || a.size(1) == b.size(1)), op,
-              ": a and b must agree in B (and T); got a ", a.sizes(), " and b ", b.sizes());
-  TORCH_CHECK(a.scalar_type() == b.scalar_type() && is_supported_dtype(a.scalar_type()), op,
-              ": a and b must share one dtype among float16, bfloat16, float32, float64; got ", a.scalar_type(),
-              " and ", b.scalar_type());
-  TORCH_CHECK(a.device() == b.device(), op, ": a and b are on different devices (", a.device(), ", ", b.device(),
-              ")");
-  check_device(a.device(), op);
-  BatchedRows r;
-  r.a = rows3(a);
-  r.b = rows3(b);
-  r.B = r.a.size(0);
-  r.T = r.a.size(1);
-  r.d_in = r.a.size(2);
-  r.d_out = r.b.size(2);
+BatchedRows cuda_rows(const at::Tensor& a, const at::Tensor& b, const char* op) {
+  BatchedRows r = batched_rows(a, b, op);
+  check_device(r.a.device(), op);
+  r.a = last_dim_contiguous(r.a);
+  r.b = last_dim_contiguous(r.b);
   return r;
 }
 
-kc::SqnormRoute choose_route(const std::string& mode, int64_t T, int64_t d_in, int64_t d_out) {
-  if (mode == "direct") return kc::SqnormRoute::kDirect;
-  if (T == 1) return kc::SqnormRoute::kRowNorms;  // Gram matrices are 1 x 1
-  if (mode == "ghost") return kc::SqnormRoute::kGhost;
-  // auto: ghost costs O(T^2 (d_in + d_out)) per example, direct O(T d_in d_out).
-  return 2 * T * T <= d_in * d_out ? kc::SqnormRoute::kGhost : kc::SqnormRoute::kDirect;
-}
-
-at::Tensor per_example_sqnorm_cuda(const at::Tensor& a, const at::Tensor& b, c10::string_view mode_view) {
-  const std::string mode(mode_view.data(), mode_view.size());
-  TORCH_CHECK(mode == "auto" || mode == "ghost" || mode == "direct",
-              "per_example_sqnorm: mode must be one of ('auto', 'ghost', 'direct'), got '", mode, "'");
-  const BatchedRows r = as_batched_rows(a, b, "per_example_sqnorm");
+at::Tensor per_example_sqnorm_cuda(const at::Tensor& a, const at::Tensor& b, c10::string_view mode,
+                                   at::ScalarType acc) {
+  const bool ghost = is_ghost_mode(mode);
+  check_accumulation_dtype(acc, "per_example_sqnorm", "acc_dtype");
+  const BatchedRows r = cuda_rows(a, b, "per_example_sqnorm");
   const c10::cuda::CUDAGuard device_guard(r.a.device());
-  const at::ScalarType acc = accumulation_dtype(r.a.scalar_type());
   if (r.T == 0 || r.d_in == 0 || r.d_out == 0) {
     return at::zeros({r.B}, r.a.options().dtype(acc));  // empty sums (also covers B == 0)
   }
   at::Tensor out = at::empty({r.B}, r.a.options().dtype(acc));
   if (r.B == 0) return out;
-  const kc::SqnormRoute route = choose_route(mode, r.T, r.d_in, r.d_out);
+  const kc::SqnormRoute route =
+      !ghost ? kc::SqnormRoute::kDirect : (r.T == 1 ? kc::SqnormRoute::kRowNorms : kc::SqnormRoute::kGhost);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.a.scalar_type(), "per_example_sqnorm_cuda", [&] {
     using T = typename CudaScalar<scalar_t>::type;
     using A = kc::acc_t<T>;
+    check_kernel_accumulation<T>(acc, r.a.scalar_type(), "per_example_sqnorm", "acc_dtype");
     const int64_t ws_elems = kc::per_example_sqnorm_workspace<T>(route, r.B, r.T, r.d_in, r.d_out);
     at::Tensor ws = ws_elems > 0 ? at::empty({ws_elems}, r.a.options().dtype(acc)) : at::Tensor();
     const kc::Rows3<T> ra{reinterpret_cast<const T*>(r.a.const_data_ptr<scalar_t>()), kernel_stride(r.a, 0),
@@ -154,27 +139,24 @@ at::Tensor as_rows(const at::Tensor& x3) {
 }
 
 at::Tensor weighted_outer_sum_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor& w) {
-  const BatchedRows r = as_batched_rows(a, b, "weighted_outer_sum");
-  TORCH_CHECK(w.dim() == 1 && w.size(0) == r.B, "weighted_outer_sum: w must be [B] = [", r.B, "], got ", w.sizes(),
-              " (a ", a.sizes(), ", b ", b.sizes(), ")");
-  TORCH_CHECK(w.device() == r.a.device(), "weighted_outer_sum: w is on ", w.device(), ", a and b on ", r.a.device());
-  TORCH_CHECK(!w.is_complex(), "weighted_outer_sum: w must be real, got ", w.scalar_type());
+  const BatchedRows r = cuda_rows(a, b, "weighted_outer_sum");
+  check_weights(w, r, a, b);
   const c10::cuda::CUDAGuard device_guard(r.a.device());
   const int64_t B = r.B, T = r.T, d_in = r.d_in, d_out = r.d_out;
   const at::ScalarType dtype = r.a.scalar_type();
-  const at::ScalarType acc = accumulation_dtype(dtype);
+  const at::ScalarType acc = w.scalar_type();
   if (B * T == 0 || d_in == 0 || d_out == 0) {
     return at::zeros({d_out, d_in}, r.a.options());
   }
   const at::Tensor a_rows = as_rows(r.a);
   const at::Tensor b_rows = as_rows(r.b);
-  // reference: b * w.to(b.dtype): the weights rounded to the inputs' dtype, then held in acc.
-  const at::Tensor w_acc = w.detach().to(dtype).to(acc).contiguous();
+  const at::Tensor w_acc = w.detach().contiguous();  // the kernels read w[k / T]
   at::Tensor out = at::empty({d_out, d_in}, r.a.options());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "weighted_outer_sum_cuda", [&] {
     using T_ = typename CudaScalar<scalar_t>::type;
     using A = kc::acc_t<T_>;
+    check_kernel_accumulation<T_>(acc, dtype, "weighted_outer_sum", "w of dtype");
     kc::WeightedOuterSumPlan plan;
     C10_CUDA_CHECK(kc::plan_weighted_outer_sum<T_>(B * T, d_in, d_out, &plan));
     at::Tensor ws = plan.ws_elems > 0 ? at::empty({plan.ws_elems}, r.a.options().dtype(acc)) : at::Tensor();
@@ -212,32 +194,10 @@ void sgd_momentum_update_cuda(at::TensorList params, at::TensorList grads, at::T
                               double lr, double momentum, double dampening, double weight_decay, bool nesterov,
                               bool first_step) {
   const bool has_momentum = momentum != 0.0;
-  TORCH_CHECK(params.size() == grads.size() && (!has_momentum || momentum_buffers.size() == params.size()),
-              "sgd_momentum_update_: got ", params.size(), " params, ", grads.size(), " grads and ",
-              momentum_buffers.size(), " momentum buffers (buffers: one per param when momentum != 0)");
-  if (params.empty()) return;
-  const at::Device device = params[0].device();
+  const std::optional<at::Device> checked = check_update_args(params, grads, momentum_buffers, has_momentum);
+  if (!checked) return;
+  const at::Device device = *checked;
   check_device(device, "sgd_momentum_update_");
-  for (size_t i = 0; i < params.size(); ++i) {
-    const at::Tensor& p = params[i];
-    const at::Tensor& g = grads[i];
-    TORCH_CHECK(p.sizes() == g.sizes(), "sgd_momentum_update_: param ", i, " has shape ", p.sizes(), ", grad ",
-                g.sizes());
-    TORCH_CHECK(is_supported_dtype(p.scalar_type()) && g.scalar_type() == p.scalar_type(),
-                "sgd_momentum_update_: param ", i, " and its grad must share one dtype among float16, bfloat16, "
-                "float32, float64; got ", p.scalar_type(), " and ", g.scalar_type());
-    TORCH_CHECK(p.device() == device && g.device() == device, "sgd_momentum_update_: param ", i, " is on ",
-                p.device(), " and its grad on ", g.device(), "; all tensors must be on ", device);
-    if (has_momentum) {
-      const at::Tensor& buf = momentum_buffers[i];
-      TORCH_CHECK(buf.sizes() == p.sizes(), "sgd_momentum_update_: param ", i, " has shape ", p.sizes(),
-                  ", momentum buffer ", buf.sizes());
-      TORCH_CHECK(buf.scalar_type() == p.scalar_type(), "sgd_momentum_update_: param ", i, " is ", p.scalar_type(),
-                  " but its momentum buffer is ", buf.scalar_type());
-      TORCH_CHECK(buf.device() == device, "sgd_momentum_update_: momentum buffer ", i, " is on ", buf.device(),
-                  "; all tensors must be on ", device);
-    }
-  }
   const c10::cuda::CUDAGuard device_guard(device);
 
   // Tensors the kernel updates, and the write-backs for params / buffers that had to be copied

@@ -561,9 +561,12 @@ class PerExampleEngine(SharedOps):
                     inputs = tuple(a for a in args if isinstance(a, torch.Tensor))
                     return tap(_CallRecord(engine, name, module, rule, args, batch_dim=layout), (output,), inputs)
             if B is not None:
+                ids = all(not a.is_floating_point() for a in args if isinstance(a, torch.Tensor))
                 shared = output.dim() == 0 or output.shape[0] != B
-                maybe = (not shared and B > 1 and
-                         all(not a.is_floating_point() for a in args if isinstance(a, torch.Tensor)))
+                # An Embedding may be batched (dim 0 = B; T5's [T, T] bucket ids with T = B are not),
+                # or take time-major ids [T, B]: decided where its output is first used.
+                maybe = ids and B > 1 and (not shared or (output.dim() >= 2 and output.shape[0] != 1
+                                                          and output.shape[1] == B))
                 if shared or maybe:
                     source = CallSource(rule, module, name, args, output, maybe)
                     return SharedTensor.wrap(engine, output, (source,), maybe)
@@ -577,9 +580,10 @@ class PerExampleEngine(SharedOps):
 
         return hook
 
-    def _tap_rule_call(self, rule: Rule, module: nn.Module, name: str, args: tuple, output: torch.Tensor):
+    def _tap_rule_call(self, rule: Rule, module: nn.Module, name: str, args: tuple, output: torch.Tensor,
+                       batch_dim=0):
         inputs = tuple(a for a in args if isinstance(a, torch.Tensor))
-        return tap(_CallRecord(self, name, module, rule, args), (output,), inputs)
+        return tap(_CallRecord(self, name, module, rule, args, batch_dim), (output,), inputs)
 
     def _generic_pre_hook(self, name: str):
         engine = self

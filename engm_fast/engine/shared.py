@@ -137,7 +137,7 @@ class CallSource:
 
     __slots__ = ("rule", "module", "name", "inputs", "out", "maybe_batched")
 
-    def __init__(self, rule, module, name: str, inputs: tuple, out: torch.Tensor, maybe_batched: bool):
+    def __init__(self, rule, module, name: str, inputs: tuple, out: torch.Tensor, maybe_batched):
         self.rule, self.module, self.name, self.inputs, self.out = rule, module, name, inputs, out
         self.maybe_batched = maybe_batched
 
@@ -323,7 +323,8 @@ class SharedTensor(torch.Tensor):
     def _derive(self, value, keep_maybe: bool, sources=None):
         """A result computed from this shared value, shared too (floating tensors only)."""
         if isinstance(value, torch.Tensor) and value.is_floating_point() and value.requires_grad:
-            return SharedTensor.wrap(self._engine, value, sources or self._sources, keep_maybe and self._maybe_batched)
+            return SharedTensor.wrap(self._engine, value, sources or self._sources,
+                                     self._maybe_batched if keep_maybe else False)
         return value
 
 
@@ -390,9 +391,9 @@ class SharedOps:
         # 3. An Embedding output found batched: tap it as the ordinary call it is.
         for i, a in enumerate(flat):
             if isinstance(a, SharedTensor) and a._maybe_batched:
-                v = a._plain
-                if B is not None and v.dim() > 0 and v.shape[0] == B:
-                    flat[i] = self._resolve_batched(a)
+                resolved = self._maybe_resolved(a)
+                if resolved is not None:
+                    flat[i] = resolved
         shared = [a for a in flat if isinstance(a, SharedTensor)]
         if not shared:
             return _call(func, flat, spec)
@@ -429,8 +430,9 @@ class SharedOps:
         Embedding output is tapped as batched, a shared tensor expanded to the batch."""
         if not isinstance(x, SharedTensor):
             return x
-        if x._maybe_batched and self._batch is not None and x._plain.dim() > 0 and x._plain.shape[0] == self._batch:
-            return self._resolve_batched(x)
+        resolved = self._maybe_resolved(x) if x._maybe_batched else None
+        if resolved is not None:
+            return resolved
         if self._batch is None or x._plain.dim() == 0 or x._plain.shape[0] != 1:
             for s in x._sources:
                 s.untrack(self, f"is the input of a layer that needs a batched input, with shape {tuple(x.shape)}")
@@ -448,6 +450,26 @@ class SharedOps:
         out = tap(_BroadcastRecord(self, value, aligned, st._sources), (e,))
         st._cache[R] = out
         return out
+
+    def _maybe_resolved(self, st: SharedTensor):
+        """The tapped tensor of an Embedding output that turns out batched with the batch size
+        known now (a recurrent layer corrects the model's for time-major inputs): the batch at
+        dim 0 (after shape changes too), or at dim 1 (time-major ids ``[T, B]``, used as they came
+        out of the layer); None when neither."""
+        B, v = self._batch, st._plain
+        if B is None or v.dim() == 0:
+            return None
+        if v.shape[0] == B:
+            return self._resolve_batched(st)
+        if v.dim() >= 2 and v.shape[1] == B and v is st._sources[0].out:
+            hit = st._cache.get("time-major")
+            if hit is None:
+                source = st._sources[0]
+                hit = self._tap_rule_call(source.rule, source.module, source.name, source.inputs, source.out,
+                                          batch_dim=1)
+                st._cache["time-major"] = hit
+            return hit
+        return None
 
     def _resolve_batched(self, st: SharedTensor) -> torch.Tensor:
         hit = st._cache.get("batched")

@@ -8,8 +8,19 @@
 Backends: ``"torch"`` runs :mod:`engm_fast.reference`; ``"cpu"`` / ``"cuda"`` the native
 ``torch.ops.engm_fast.*``; ``"triton"`` ``torch.ops.engm_fast_triton.*`` (:mod:`engm_fast.triton`).
 
-Semantics, shapes and dtypes are those of :mod:`engm_fast.reference`, the specification every
-backend is tested against.
+What every op computes, and the deviation each backend may have from it, is the contract in
+:mod:`engm_fast.reference`. These wrappers carry out its decisions once for all backends: they
+check the arguments (:func:`~engm_fast.reference.check_rows`,
+:func:`~engm_fast.reference.check_weights`, :func:`~engm_fast.reference.check_update_args`:
+the same ``TypeError`` / ``ValueError`` on every backend), resolve ``mode="auto"`` to the route
+(:func:`~engm_fast.reference.resolve_sqnorm_mode`) and hand the kernels the accumulation dtype
+(:func:`~engm_fast.reference.accumulation_dtype`). The registered kernels take these explicitly:
+
+* ``per_example_sqnorm(Tensor a, Tensor b, str mode, ScalarType acc_dtype) -> Tensor`` with
+  ``mode`` ``"ghost"`` or ``"direct"``;
+* ``weighted_outer_sum(Tensor a, Tensor b, Tensor w) -> Tensor`` with ``w`` in the accumulation
+  dtype (the dtype the kernel multiplies and sums in);
+* ``sgd_momentum_update_`` as above.
 """
 from __future__ import annotations
 
@@ -23,8 +34,8 @@ __all__ = ["per_example_sqnorm", "weighted_outer_sum", "sgd_momentum_update_"]
 if _backend._NATIVE:
     # Shape/dtype functions so the native ops work under torch.compile and fake tensors.
     @torch.library.register_fake("engm_fast::per_example_sqnorm")
-    def _sqnorm_fake(a, b, mode="auto"):
-        return a.new_empty((a.shape[0],), dtype=accumulation_dtype(a.dtype))
+    def _sqnorm_fake(a, b, mode, acc_dtype):
+        return a.new_empty((a.shape[0],), dtype=acc_dtype)
 
     @torch.library.register_fake("engm_fast::weighted_outer_sum")
     def _weighted_fake(a, b, w):
@@ -37,6 +48,13 @@ if _backend._NATIVE:
         return None
 
 
+def _kernel(backend: str, name: str):
+    """The registered op ``name`` of a kernel backend ("cpu", "cuda" or "triton")."""
+    if backend == "triton":
+        return getattr(_backend.triton_ops(), name)
+    return getattr(torch.ops.engm_fast, name)
+
+
 def per_example_sqnorm(a: torch.Tensor, b: torch.Tensor, mode: str = "auto") -> torch.Tensor:
     """Per-example squared Frobenius norm of ``b_i^T a_i``; see :func:`engm_fast.reference.per_example_sqnorm`.
 
@@ -45,12 +63,12 @@ def per_example_sqnorm(a: torch.Tensor, b: torch.Tensor, mode: str = "auto") -> 
         >>> engm_fast.ops.per_example_sqnorm(torch.ones(2, 3), torch.ones(2, 4))
         tensor([12., 12.])
     """
+    _, T, d_in, d_out = reference.check_rows(a, b, "per_example_sqnorm")
+    route = reference.resolve_sqnorm_mode(mode, T, d_in, d_out)
     backend = _backend.resolve(a.device)
     if backend == "torch":
-        return reference.per_example_sqnorm(a, b, mode)
-    if backend == "triton":
-        return _backend.triton_ops().per_example_sqnorm(a, b, mode)
-    return torch.ops.engm_fast.per_example_sqnorm(a, b, mode)
+        return reference.per_example_sqnorm(a, b, route)
+    return _kernel(backend, "per_example_sqnorm")(a, b, route, accumulation_dtype(a.dtype))
 
 
 def weighted_outer_sum(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -61,12 +79,13 @@ def weighted_outer_sum(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor) -> tor
         >>> engm_fast.ops.weighted_outer_sum(torch.ones(2, 3), torch.ones(2, 1), torch.tensor([1.0, 2.0]))
         tensor([[3., 3., 3.]])
     """
+    reference.check_rows(a, b, "weighted_outer_sum")
+    reference.check_weights(w, a, "weighted_outer_sum")
     backend = _backend.resolve(a.device)
     if backend == "torch":
         return reference.weighted_outer_sum(a, b, w)
-    if backend == "triton":
-        return _backend.triton_ops().weighted_outer_sum(a, b, w)
-    return torch.ops.engm_fast.weighted_outer_sum(a, b, w)
+    acc = accumulation_dtype(a.dtype)
+    return _kernel(backend, "weighted_outer_sum")(a, b, w if w.dtype == acc else w.to(acc))
 
 
 def sgd_momentum_update_(params: list[torch.Tensor], grads: list[torch.Tensor],
@@ -90,36 +109,21 @@ def sgd_momentum_update_(params: list[torch.Tensor], grads: list[torch.Tensor],
     params, grads, momentum_buffers = list(params), list(grads), list(momentum_buffers)
     lr, momentum, dampening, weight_decay = float(lr), float(momentum), float(dampening), float(weight_decay)
     nesterov, first_step = bool(nesterov), bool(first_step)
-    if not params:  # the dispatcher cannot pick a kernel without a tensor
-        if grads or (momentum != 0 and momentum_buffers):
-            raise ValueError(f"sgd_momentum_update_: got 0 params, {len(grads)} grads and "
-                             f"{len(momentum_buffers)} momentum buffers")
+    reference.check_update_args(params, grads, momentum_buffers, momentum)
+    if not params:  # nothing to do (and the dispatcher could not pick a kernel without a tensor)
         return
-    for what, tensors in (("params", params), ("grads", grads), ("momentum_buffers", momentum_buffers)):
-        for i, t in enumerate(tensors):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"sgd_momentum_update_: {what}[{i}] is a {type(t).__name__}, not a tensor")
-            if t.layout != torch.strided:
-                raise TypeError(f"sgd_momentum_update_: {what}[{i}] has layout {t.layout}; only dense (strided) "
-                                "tensors are supported")
-    device = params[0].device
-    used = params + grads + (momentum_buffers if momentum != 0 else [])
-    for t in used:
-        if t.device != device:
-            raise ValueError(f"sgd_momentum_update_: tensors on {device} and {t.device}; all must be on one device")
-    args = (params, grads, momentum_buffers if momentum != 0 else [], lr, momentum, dampening, weight_decay,
-            nesterov, first_step)
-    backend = _backend.resolve(device)
+    buffers = momentum_buffers if momentum != 0 else []
+    args = (params, grads, buffers, lr, momentum, dampening, weight_decay, nesterov, first_step)
+    backend = _backend.resolve(params[0].device)
     with torch.no_grad():
         if backend == "torch":
             reference.sgd_momentum_update_(*args)
-        elif backend == "triton":
-            _backend.triton_ops().sgd_momentum_update_(*args)
-        else:
-            torch.ops.engm_fast.sgd_momentum_update_(*args)
+            return
+        _kernel(backend, "sgd_momentum_update_")(*args)
+        if backend != "triton":
             # A TORCH_LIBRARY op writing through data pointers does not bump version counters
             # (custom_op and ATen in-place ops do): bump them, so autograd still detects a
             # param modified after being saved for backward.
             torch.autograd.graph.increment_version(params)
-            if momentum != 0:
-                torch.autograd.graph.increment_version(momentum_buffers)
+            if buffers:
+                torch.autograd.graph.increment_version(buffers)

@@ -12,8 +12,8 @@ Registration: ``torch.library.custom_op`` with ``register_fake``, in a namespace
 csrc/ops.cpp). Not ``torch.library.triton_op``: a ``triton_op`` is traced into
 ``torch.compile`` graphs and run by its fake-tensor tests, and under the interpreter those
 paths touch the data pointers of fake tensors, so ``torch.library.opcheck`` and
-``torch.compile`` fail on the CPU (measured with triton 3.9 / torch 2.13, DESIGN.md section
-5). As opaque custom ops they pass ``opcheck`` everywhere, CI included; the cost is that
+``torch.compile`` fail on the CPU (measured with triton 3.9 / torch 2.13; docs/design.md,
+"Ops and backends"). As opaque custom ops they pass ``opcheck`` everywhere, CI included; the cost is that
 ``torch.compile`` cannot fuse into the kernels (it calls each as one opaque op), which loses
 nothing here: each op is already one fused kernel (or a kernel and a small partial sum).
 

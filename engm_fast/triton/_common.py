@@ -1,5 +1,5 @@
-"""Shared plumbing of the Triton kernels: compiled or interpreted launch, device, dtype and
-precision rules.
+"""Shared plumbing of the Triton kernels: compiled or interpreted launch, device, Triton types
+of the accumulation dtypes, the interpreter's precision quirks.
 
 Compiled or interpreted is a property of the process, not of a kernel: triton fixes it when
 ``triton.language`` is first imported (``TRITON_INTERPRET=1`` then makes its library functions,
@@ -25,14 +25,10 @@ __all__ = [
     "DualKernel",
     "interpreted",
     "check_device",
-    "check_dtype",
-    "acc_tl_dtype",
+    "tl_dtype",
     "dot_upcast",
     "round_bf16_in_kernel",
 ]
-
-SUPPORTED = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
 
 def interpreted() -> bool:
     """Whether this process runs Triton kernels under the interpreter."""
@@ -77,14 +73,14 @@ def check_device(op: str, *tensors: torch.Tensor) -> torch.device:
     raise RuntimeError(f"{op} (triton): tensors on {device} are not supported (CUDA, or CPU under TRITON_INTERPRET=1)")
 
 
-def check_dtype(op: str, what: str, dtype: torch.dtype) -> None:
-    if dtype not in SUPPORTED:
-        raise TypeError(f"{op} (triton): {what} must be float16, bfloat16, float32 or float64, got {dtype}")
-
-
-def acc_tl_dtype(dtype: torch.dtype):
-    """float64 accumulation for float64 inputs, float32 for the others (reference.accumulation_dtype)."""
-    return tl.float64 if dtype == torch.float64 else tl.float32
+def tl_dtype(dtype: torch.dtype):
+    """The Triton type of an accumulation dtype (float32 or float64), which the op wrappers of
+    :mod:`engm_fast.ops` choose (:func:`engm_fast.reference.accumulation_dtype`) and pass in."""
+    if dtype == torch.float32:
+        return tl.float32
+    if dtype == torch.float64:
+        return tl.float64
+    raise TypeError(f"the Triton kernels accumulate in float32 or float64, got {dtype}")
 
 
 def dot_upcast(dtype: torch.dtype) -> bool:

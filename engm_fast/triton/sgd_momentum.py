@@ -7,9 +7,9 @@ Semantics are :func:`engm_fast.reference.sgd_momentum_update_`::
     d = d + momentum * buf (nesterov) or buf ;  param -= lr * d
 
 Each element is read once (param, grad, buffer) and written once (param, buffer), with the
-arithmetic in float32 (float64 for float64 tensors); a 16-bit param and buffer are rounded
-once when stored, and the step uses the buffer as stored, as the reference (and the C++
-kernel) do.
+arithmetic in the accumulation dtype (:func:`engm_fast.reference.accumulation_dtype`: float32,
+float64 for float64 tensors); a 16-bit param and buffer are rounded once when stored, and the
+step uses the buffer as stored: the contract of :mod:`engm_fast.reference`.
 
 Launches: one kernel per tensor, looped over in Python (not a single launch). One launch over
 all tensors needs pointer tables (int64 addresses cast to typed pointers inside the kernel,
@@ -30,7 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import DualKernel, acc_tl_dtype, check_device, check_dtype, round_bf16_in_kernel
+from .. import reference
+from ._common import DualKernel, check_device, round_bf16_in_kernel, tl_dtype
 
 __all__ = ["sgd_momentum_update_", "launch_sgd_momentum_update_"]
 
@@ -92,27 +93,11 @@ def launch_sgd_momentum_update_(params: list[torch.Tensor], grads: list[torch.Te
                                 momentum_buffers: list[torch.Tensor], lr: float, momentum: float,
                                 dampening: float, weight_decay: float, nesterov: bool,
                                 first_step: bool, block: int = BLOCK) -> None:
-    """Validates the lists and runs one kernel per tensor (no op registration involved)."""
+    """Validates the lists (:func:`engm_fast.reference.check_update_args`) and runs one kernel per
+    tensor (no op registration involved)."""
+    reference.check_update_args(params, grads, momentum_buffers, momentum)
     has_momentum = momentum != 0
-    if len(params) != len(grads) or (has_momentum and len(momentum_buffers) != len(params)):
-        raise ValueError(
-            f"{OP}: got {len(params)} params, {len(grads)} grads and {len(momentum_buffers)} momentum "
-            "buffers (buffers: one per param when momentum != 0)"
-        )
-    triples = []
-    for i, (p, g) in enumerate(zip(params, grads)):
-        if p.shape != g.shape:
-            raise ValueError(f"{OP}: param {i} has shape {tuple(p.shape)}, grad {tuple(g.shape)}")
-        check_dtype(OP, f"param {i}", p.dtype)
-        if g.dtype != p.dtype:
-            raise TypeError(f"{OP}: param {i} is {p.dtype}, its grad {g.dtype} (they must match)")
-        buf = momentum_buffers[i] if has_momentum else None
-        if buf is not None:
-            if buf.shape != p.shape:
-                raise ValueError(f"{OP}: momentum buffer {i} has shape {tuple(buf.shape)}, param {tuple(p.shape)}")
-            if buf.dtype != p.dtype:
-                raise TypeError(f"{OP}: momentum buffer {i} is {buf.dtype}, its param {p.dtype} (they must match)")
-        triples.append((p, g, buf))
+    triples = [(p, g, momentum_buffers[i] if has_momentum else None) for i, (p, g) in enumerate(zip(params, grads))]
     if not triples:
         return
     device = check_device(OP, *[t for triple in triples for t in triple if t is not None])
@@ -120,7 +105,7 @@ def launch_sgd_momentum_update_(params: list[torch.Tensor], grads: list[torch.Te
     for p, g, buf in triples:
         if p.numel() == 0:
             continue
-        acc = torch.float64 if p.dtype == torch.float64 else torch.float32
+        acc = reference.accumulation_dtype(p.dtype)
         if acc not in coefs:
             coefs[acc] = torch.tensor([lr, momentum, 1.0 - dampening, weight_decay], dtype=acc, device=device)
         others = (g,) if buf is None else (g, buf)
@@ -131,7 +116,7 @@ def launch_sgd_momentum_update_(params: list[torch.Tensor], grads: list[torch.Te
             buf_w = None if buf is None else buf.contiguous()
         _KERNEL.variant()[(triton.cdiv(p.numel(), block),)](
             p_w, g_w, p_w if buf_w is None else buf_w, coefs[acc], p.numel(),
-            ACC=acc_tl_dtype(p.dtype), HAS_MOMENTUM=has_momentum, HAS_WD=weight_decay != 0,
+            ACC=tl_dtype(acc), HAS_MOMENTUM=has_momentum, HAS_WD=weight_decay != 0,
             NESTEROV=bool(nesterov), FIRST_STEP=bool(first_step),
             ROUND_BF16=round_bf16_in_kernel(p.dtype), BLOCK=block)
         if p_w is not p:

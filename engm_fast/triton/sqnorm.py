@@ -2,10 +2,12 @@
 launcher and the registered op ``engm_fast_triton::per_example_sqnorm``).
 
 Semantics are :func:`engm_fast.reference.per_example_sqnorm`: ``a`` is ``[B, T, d_in]`` or
-``[B, d_in]``, ``b`` likewise with ``d_out``; the result is ``[B]`` in float32 (float64 for
-float64 inputs). Three routes, chosen as the reference does:
+``[B, d_in]``, ``b`` likewise with ``d_out``; the result is ``[B]`` in the accumulation dtype
+the caller passes, along the route the caller passes (``"ghost"`` or ``"direct"``):
+:func:`engm_fast.ops.per_example_sqnorm` decides both (:mod:`engm_fast.reference`). Three
+kernels implement the routes:
 
-* rows (``T == 1``, mode not ``"direct"``): ``||a_i||^2 ||b_i||^2``; one program per block of
+* rows (ghost at ``T == 1``): ``||a_i||^2 ||b_i||^2``; one program per block of
   examples sums squares over column blocks.
 * direct: program ``(i, tile)`` computes one ``BLOCK_O x BLOCK_I`` tile of ``g_i = b_i^T a_i``
   in registers, accumulated over ``T`` with ``tl.dot``, and writes only the tile's sum of
@@ -16,12 +18,13 @@ float64 inputs). Three routes, chosen as the reference does:
   ``sum(Ga * Gb)``. Only tiles of the upper triangle run (the Gram matrices are symmetric);
   off-diagonal tiles count twice.
 
-Accumulation is in float32 for 16- and 32-bit inputs and float64 for float64 inputs: loaded
-16-bit values feed ``tl.dot`` as they are (exact products into a float32 accumulator) and are
-converted to the accumulation dtype before any other arithmetic (fp16 squares overflow above
-256). float32 dots use ``input_precision="ieee"`` (no TF32): the reference is exact float32
-arithmetic. float64 inputs use ``tl.dot`` on float64 operands with a float64 accumulator
-(accepted by Triton's ``tl.dot``; validated here under the interpreter only, no GPU was lent).
+Accumulation is in the accumulation dtype (float32 for 16- and 32-bit inputs, float64 for
+float64 inputs, as the op wrapper passes it): loaded 16-bit values feed ``tl.dot`` as they are
+(exact products into a float32 accumulator) and are converted to the accumulation dtype before
+any other arithmetic (fp16 squares overflow above 256). float32 dots use
+``input_precision="ieee"`` (no TF32): the reference is exact float32 arithmetic. float64 inputs
+use ``tl.dot`` on float64 operands with a float64 accumulator (accepted by Triton's ``tl.dot``;
+validated here under the interpreter only, no GPU was lent).
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ import triton
 import triton.language as tl
 
 from .. import reference
-from ._common import DualKernel, acc_tl_dtype, check_device, check_dtype, dot_upcast
+from ._common import DualKernel, check_device, dot_upcast, tl_dtype
 
 __all__ = ["per_example_sqnorm", "launch_per_example_sqnorm"]
 
@@ -148,26 +151,24 @@ def _fit(limit: int, n: int) -> int:
     return max(16, min(limit, triton.next_power_of_2(max(1, n))))
 
 
-def launch_per_example_sqnorm(a: torch.Tensor, b: torch.Tensor, mode: str = "auto",
+def launch_per_example_sqnorm(a: torch.Tensor, b: torch.Tensor, mode: str, acc_dtype: torch.dtype,
                               blocks: dict | None = None) -> torch.Tensor:
-    """Runs the kernels (no op registration involved); ``blocks`` overrides the largest tile
-    sides of :data:`DEFAULT_BLOCKS` (tests use small tiles to exercise multi-tile loops)."""
-    if mode not in reference.SQNORM_MODES:
-        raise ValueError(f"{OP}: mode must be one of {reference.SQNORM_MODES}, got {mode!r}")
-    a3, b3 = reference._as_batched_rows(a, b, OP)
-    check_dtype(OP, "a and b", a3.dtype)
+    """Runs the kernels (no op registration involved): route ``mode`` (``"ghost"`` or
+    ``"direct"``), sums in ``acc_dtype``; ``blocks`` overrides the largest tile sides of
+    :data:`DEFAULT_BLOCKS` (tests use small tiles to exercise multi-tile loops)."""
+    if mode not in reference.SQNORM_ROUTES:
+        raise ValueError(f"{OP}: mode must be 'ghost' or 'direct' (engm_fast.ops.per_example_sqnorm resolves "
+                         f"'auto'), got {mode!r}")
+    a3, b3 = reference.batched_rows(a, b, OP)
+    acc = tl_dtype(acc_dtype)
     device = check_device(OP, a3, b3)
     cfg = dict(DEFAULT_BLOCKS, **(blocks or {}))
-    acc_dtype = reference.accumulation_dtype(a3.dtype)
     B, T, d_in = a3.shape
     d_out = b3.shape[2]
     if B == 0 or T == 0 or d_in == 0 or d_out == 0:
         return torch.zeros(B, dtype=acc_dtype, device=device)
-    acc = acc_tl_dtype(a3.dtype)
     upcast = dot_upcast(a3.dtype)
-    route = "rows" if T == 1 and mode != "direct" else mode
-    if route == "auto":
-        route = reference.choose_sqnorm_route(T, d_in, d_out)
+    route = "rows" if T == 1 and mode == "ghost" else mode  # 1 x 1 Gram matrices: ||a_i||^2 ||b_i||^2
     if route == "rows":
         out = torch.empty(B, dtype=acc_dtype, device=device)
         block_b = cfg["rows_b"]
@@ -199,12 +200,12 @@ def launch_per_example_sqnorm(a: torch.Tensor, b: torch.Tensor, mode: str = "aut
 
 
 @torch.library.custom_op("engm_fast_triton::per_example_sqnorm", mutates_args=())
-def per_example_sqnorm(a: torch.Tensor, b: torch.Tensor, mode: str = "auto") -> torch.Tensor:
-    """``||b_i^T a_i||_F^2`` per example with the Triton kernels; see
-    :func:`engm_fast.reference.per_example_sqnorm`."""
-    return launch_per_example_sqnorm(a, b, mode)
+def per_example_sqnorm(a: torch.Tensor, b: torch.Tensor, mode: str, acc_dtype: torch.dtype) -> torch.Tensor:
+    """``||b_i^T a_i||_F^2`` per example with the Triton kernels, by route ``mode`` (``"ghost"`` or
+    ``"direct"``) in ``acc_dtype``; see :func:`engm_fast.reference.per_example_sqnorm`."""
+    return launch_per_example_sqnorm(a, b, mode, acc_dtype)
 
 
 @per_example_sqnorm.register_fake
-def _(a, b, mode="auto"):
-    return a.new_empty((a.shape[0],), dtype=reference.accumulation_dtype(a.dtype))
+def _(a, b, mode, acc_dtype):
+    return a.new_empty((a.shape[0],), dtype=acc_dtype)

@@ -2,8 +2,9 @@
 op ``engm_fast_triton::weighted_outer_sum``).
 
 Semantics are :func:`engm_fast.reference.weighted_outer_sum`: ``a`` is ``[B, T, d_in]`` or
-``[B, d_in]``, ``b`` likewise with ``d_out``, ``w`` is ``[B]``; the result is ``[d_out, d_in]``
-in the dtype of ``a``.
+``[B, d_in]``, ``b`` likewise with ``d_out``, ``w`` is ``[B]`` in the accumulation dtype (float32
+or float64: :func:`engm_fast.ops.weighted_outer_sum` converts it); the result is
+``[d_out, d_in]`` in the dtype of ``a``.
 
 One tiled GEMM ``(w * b)^T a`` whose reduction runs over the ``B * T`` rows: program
 ``(o_tile, i_tile, split)`` accumulates a ``BLOCK_O x BLOCK_I`` output tile over its share of
@@ -13,11 +14,10 @@ has few tiles (a 10 x 512 classifier head is 8 tiles of 64 x 64) the rows are sp
 ``SPLIT`` programs per tile so the GPU is filled; their float32 (float64) partial tiles are
 added in a fixed order afterwards (deterministic, no atomics).
 
-Precision: accumulation in float32 (float64 for float64 inputs), ``tl.dot`` with
-``input_precision="ieee"`` (no TF32). 16-bit inputs: ``w_r * b_r`` is computed in float32 and
-rounded once to the input dtype, the operand dtype of the tensor-core dot (the reference
-rounds the same product, ``b * w.to(b.dtype)``, once as well); the float32 sum is rounded to
-the output dtype at the end.
+Precision (the contract of :mod:`engm_fast.reference`): accumulation in ``w``'s dtype,
+``tl.dot`` with ``input_precision="ieee"`` (no TF32); ``w_r * b_r`` is computed in that dtype and
+rounded once to the input dtype, the operand dtype of the tensor-core dot; the sum is rounded
+to the output dtype at the end.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from .. import reference
-from ._common import DualKernel, acc_tl_dtype, check_device, check_dtype, dot_upcast, round_bf16_in_kernel
+from ._common import DualKernel, check_device, dot_upcast, round_bf16_in_kernel, tl_dtype
 
 __all__ = ["weighted_outer_sum", "launch_weighted_outer_sum"]
 
@@ -103,21 +103,15 @@ def launch_weighted_outer_sum(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor,
     """Runs the kernel (no op registration involved). ``blocks`` overrides the largest tile
     sides (``o``, ``i``, ``k``); ``split`` forces the number of row splits (default: 1 on the
     CPU interpreter, enough to fill the GPU otherwise)."""
-    a3, b3 = reference._as_batched_rows(a, b, OP)
-    check_dtype(OP, "a and b", a3.dtype)
-    if not isinstance(w, torch.Tensor) or w.dim() != 1 or w.shape[0] != a3.shape[0]:
-        shape = tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__
-        raise ValueError(f"{OP}: w must be [B] = [{a3.shape[0]}], got {shape}")
-    if not w.is_floating_point():
-        raise TypeError(f"{OP}: w must be floating point, got {w.dtype}")
+    a3, b3 = reference.batched_rows(a, b, OP)
+    reference.check_weights(w, a3, OP)
+    acc = tl_dtype(w.dtype)  # TypeError unless float32 / float64
     device = check_device(OP, a3, b3, w)
     B, T, d_in = a3.shape
     d_out = b3.shape[2]
     R = B * T
     if R == 0 or d_in == 0 or d_out == 0:
         return torch.zeros(d_out, d_in, dtype=a3.dtype, device=device)
-    acc_dtype = reference.accumulation_dtype(a3.dtype)
-    w_acc = w.detach().to(acc_dtype)
     cfg = dict(DEFAULT_BLOCKS, **(blocks or {}))
     bo, bi, bk = _fit(cfg["o"], d_out), _fit(cfg["i"], d_in), _fit(cfg["k"], R)
     n_o, n_i = triton.cdiv(d_out, bo), triton.cdiv(d_in, bi)
@@ -130,11 +124,11 @@ def launch_weighted_outer_sum(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor,
     if split == 1:
         out = torch.empty(d_out, d_in, dtype=a3.dtype, device=device)
     else:
-        out = torch.empty(split, d_out, d_in, dtype=acc_dtype, device=device)
+        out = torch.empty(split, d_out, d_in, dtype=w.dtype, device=device)
     _KERNEL.variant()[(n_o, n_i, split)](
-        a3, b3, w_acc, out, R, T, d_in, d_out, rows_per_split,
-        a3.stride(0), a3.stride(1), a3.stride(2), b3.stride(0), b3.stride(1), b3.stride(2), w_acc.stride(0),
-        ACC=acc_tl_dtype(a3.dtype), DOT_UPCAST=dot_upcast(a3.dtype),
+        a3, b3, w, out, R, T, d_in, d_out, rows_per_split,
+        a3.stride(0), a3.stride(1), a3.stride(2), b3.stride(0), b3.stride(1), b3.stride(2), w.stride(0),
+        ACC=acc, DOT_UPCAST=dot_upcast(a3.dtype),
         ROUND_BF16=round_bf16_in_kernel(a3.dtype),
         ROUND_OUT_BF16=split == 1 and round_bf16_in_kernel(a3.dtype),
         BLOCK_O=bo, BLOCK_I=bi, BLOCK_K=bk)
@@ -145,7 +139,8 @@ def launch_weighted_outer_sum(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor,
 
 @torch.library.custom_op("engm_fast_triton::weighted_outer_sum", mutates_args=())
 def weighted_outer_sum(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``sum_i w_i b_i^T a_i`` with the Triton kernel; see :func:`engm_fast.reference.weighted_outer_sum`."""
+    """``sum_i w_i b_i^T a_i`` with the Triton kernel, ``w`` in the accumulation dtype; see
+    :func:`engm_fast.reference.weighted_outer_sum`."""
     return launch_weighted_outer_sum(a, b, w)
 
 

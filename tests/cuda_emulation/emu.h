@@ -19,7 +19,7 @@
 // What it cannot tell: speed, bank conflicts, register pressure; the hardware's wmma element
 // map (the one below differs on purpose: the kernels must not depend on it) and tensor-core
 // rounding (products are formed in fp32 here); races other than the two thread orders tried.
-// The real device run (tests/test_cuda_ops.py, benchmarks/gpu_validate.sh) is the proof.
+// The real device run (tests/test_ops.py on a GPU, benchmarks/gpu_validate.sh) is the proof.
 #pragma once
 
 #define ENGM_FAST_HOST_EMULATION 1

@@ -4,8 +4,11 @@
 // surrounded by NaN guards, outputs and workspaces start as NaN, so a missed write, a read of
 // padding or an out-of-range access shows up as a NaN or an emulation error.
 //
-// Usage: harness [sqnorm|weighted|sgd|all] [late|early|reverse]   (EMU_VERBOSE=1: every check)
-// Exit status 0 iff every check passed.
+// Usage: harness sqnorm|weighted|sgd|all late|early|reverse OP:TYPE=TOL...   (EMU_VERBOSE=1: every check)
+// The tolerances are those of engm_fast/reference.py's TOLERANCE table, passed by the test as
+// e.g. sqnorm:fp16=2e-06 outer:bf16=0.003910 for every op (sqnorm, outer) and type (fp64,
+// fp32, fp16, bf16); the SGD update is checked for equality with its own arithmetic instead.
+// Exit status 0 iff every check passed (2: a tolerance is missing).
 #include "emu.h"
 
 #define ENGM_FAST_SQNORM_DEFINE_INSTANCES
@@ -15,7 +18,9 @@
 #include "sgd_momentum.cu"
 
 #include <cstdio>
+#include <cstdlib>
 #include <limits>
+#include <map>
 #include <random>
 #include <string>
 
@@ -25,6 +30,7 @@ namespace {
 
 int g_failures = 0;
 int g_checks = 0;
+std::map<std::string, double> g_tolerance;  // "sqnorm:fp16" -> tolerance, from the command line
 
 template <typename T>
 const char* type_name() {
@@ -74,6 +80,18 @@ struct Operand {
   double v(int64_t i, int64_t t, int64_t j) const { return to_double(ptr[i * bs + t * ld + j]); }
   Rows3<T> rows3() const { return Rows3<T>{ptr, B == 1 ? 0 : bs, rows == 1 ? 0 : ld}; }
 };
+
+// The tolerance of engm_fast/reference.py's table for op ("sqnorm" or "outer") and T.
+template <typename T>
+double tolerance(const char* op) {
+  const std::string key = std::string(op) + ":" + type_name<T>();
+  const auto it = g_tolerance.find(key);
+  if (it == g_tolerance.end()) {
+    std::printf("no tolerance given for %s\n", key.c_str());
+    std::exit(2);
+  }
+  return it->second;
+}
 
 void report(bool ok, const std::string& what, double err) {
   ++g_checks;
@@ -125,8 +143,7 @@ void check_sqnorm(int64_t B, int64_t rows, int64_t d_in, int64_t d_out, SqnormRo
     const double e = std::fabs(static_cast<double>(out[i + 1]) - ref) / std::max(bound, 1e-300);
     worst = std::max(worst, std::isnan(e) ? 1e300 : e);
   }
-  const double tol = std::is_same_v<T, double> ? 1e-12 : 2e-6;
-  report(worst <= tol, what, worst);
+  report(worst <= tolerance<T>("sqnorm"), what, worst);
 }
 
 template <typename T>
@@ -139,7 +156,7 @@ void check_weighted(int64_t B, int64_t rows, int64_t d_in, int64_t d_out, int pa
   Operand<T> b(1, B * rows, d_out, ldb, 0, shift, gen);
   std::uniform_real_distribution<double> ud(-0.5, 1.5);
   std::vector<A> w(static_cast<size_t>(B));
-  for (auto& x : w) x = static_cast<A>(to_double(from_double<T>(ud(gen))));  // rounded to T
+  for (auto& x : w) x = static_cast<A>(ud(gen));  // in the accumulation type, not rounded to T
   emu::register_range(w.data(), w.size() * sizeof(A));
   WeightedOuterSumPlan plan;
   cudaError_t err = plan_weighted_outer_sum<T>(B * rows, d_in, d_out, &plan);
@@ -159,24 +176,22 @@ void check_weighted(int64_t B, int64_t rows, int64_t d_in, int64_t d_out, int pa
     return;
   }
   report(std::isnan(to_double(out[0])) && std::isnan(to_double(out[d_in * d_out + 1])), what + " guard", 0);
+  // The contract: sum_r round_T(w_r b_r) a_r with the product formed in A; the deviation allowed
+  // is the A summation and the final rounding to T.
   double worst = 0;
   for (int64_t o = 0; o < d_out; ++o)
     for (int64_t n = 0; n < d_in; ++n) {
       double ref = 0, bound = 0;
       for (int64_t k = 0; k < B * rows; ++k) {
-        const double wk = static_cast<double>(w[static_cast<size_t>(k / rows)]);
-        ref += wk * b.v(0, k, o) * a.v(0, k, n);
-        bound += std::fabs(wk * b.v(0, k, o) * a.v(0, k, n));
+        const A wk = w[static_cast<size_t>(k / rows)];
+        const double operand = to_double(from_acc<T>(wk * to_acc(b.at(0, k, o))));  // round_T(w_r b_r)
+        ref += operand * a.v(0, k, n);
+        bound += std::fabs(static_cast<double>(wk) * b.v(0, k, o) * a.v(0, k, n));
       }
       const double e = std::fabs(to_double(out[1 + o * d_in + n]) - ref) / std::max(bound, 1e-300);
       worst = std::max(worst, std::isnan(e) ? 1e300 : e);
     }
-  // w * b rounded to T (as the reference) plus one final rounding: <= 2 units of T's roundoff.
-  const double tol = std::is_same_v<T, double>  ? 1e-12
-                     : std::is_same_v<T, float> ? 1e-5
-                     : std::is_same_v<T, __half> ? 2.0 * 0.00048828125
-                                                 : 2.0 * 0.00390625;
-  report(worst <= tol, what, worst);
+  report(worst <= tolerance<T>("outer"), what, worst);
 }
 
 // -------------------------------------------------------------------------- sgd
@@ -407,6 +422,15 @@ void weighted_suite(std::mt19937& gen) {
 int main(int argc, char** argv) {
   const std::string which = argc > 1 ? argv[1] : "all";
   const std::string mode = argc > 2 ? argv[2] : "late";
+  for (int i = 3; i < argc; ++i) {  // OP:TYPE=TOL
+    const std::string arg = argv[i];
+    const size_t eq = arg.find('=');
+    if (eq == std::string::npos) {
+      std::printf("bad tolerance argument %s (expected OP:TYPE=TOL)\n", arg.c_str());
+      return 2;
+    }
+    g_tolerance[arg.substr(0, eq)] = std::strtod(arg.c_str() + eq + 1, nullptr);
+  }
   emu::g_mode = mode == "early" ? emu::CopyMode::kEarlyForward
                 : mode == "reverse" ? emu::CopyMode::kEarlyReverse
                                     : emu::CopyMode::kLate;

@@ -33,8 +33,9 @@ namespace cuda {
 
 // ------------------------------------------------------------------------- element types
 
-// Accumulation type: float for 16- and 32-bit inputs, double for double (as reference.py's
-// accumulation_dtype; fp16 squares overflow at 256^2 so 16-bit inputs never accumulate in 16 bits).
+// Accumulation type the kernels are instantiated with: float for 16- and 32-bit inputs, double
+// for double. The accumulation dtype is decided in Python (engm_fast/reference.py,
+// accumulation_dtype) and passed to the ops; the binding refuses a dtype other than this one.
 template <typename T>
 struct AccType {
   using type = float;

@@ -118,7 +118,7 @@ struct OuterGemmArgs {
   // kSqNorm: [batches, tiles_m * tiles_n] sums of squares.
   acc_t<T>* partial;
   // kWeighted.
-  const acc_t<T>* w;     // [B], already rounded to T's precision by the caller
+  const acc_t<T>* w;     // [B], in acc_t<T> (not rounded to T)
   int64_t rows_per_w;    // T: row k has weight w[k / T]
   int64_t k_per_split;   // multiple of BK
   acc_t<T>* ws;          // [splits, d_out, d_in] when splits > 1
@@ -378,7 +378,8 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::kMinBlocks) outer_gemm_kernel(co
     const int stage = static_cast<int>(kt % S);
     T* const as = as_all + stage * Smem::kAStage;
     if constexpr (MODE == OuterMode::kWeighted) {
-      // b[k, :] *= w[k / T], rounded to T as reference.py's `b * w.to(b.dtype)` does. Thread
+      // b[k, :] *= w[k / T], the product formed in A and rounded once to T: the operand
+      // round_T(w_r b_r) of the contract (engm_fast/reference.py). Thread
       // tid scales column tid % BM of rows tid / BM, + NT / BM, ...
       static_assert(NT % BM == 0, "whole rows per pass");
       const A* wrow = ws_all + stage * BK;

@@ -1,7 +1,8 @@
 // per_example_sqnorm on CUDA: n_i^2 = ||b_i^T a_i||_F^2 for every example i, never writing a
 // per-example gradient to global memory. Semantics: engm_fast/reference.py.
 //
-// Routes (the binding picks one with the CPU path's rule, csrc/cpu/per_example_ops.cpp):
+// Routes (the op wrappers of engm_fast/ops choose "ghost" or "direct"; the binding runs ghost
+// at T == 1 as kRowNorms):
 //   kRowNorms (T == 1)  n_i^2 = ||a_i||^2 ||b_i||^2: one warp per example.
 //   kGhost              n_i^2 = sum_{t,s} (a_it . a_is)(b_it . b_is). One CTA per example and
 //                       pair of BT-row blocks (t-block <= s-block: the Gram matrices are
@@ -16,7 +17,7 @@
 // (no atomics) and "auto" equals the route it resolves to bit for bit.
 //
 // Accumulation: fp32 (fp16 / bf16 via tensor cores with fp32 accumulators, float on FMA
-// units), fp64 for double, as reference.accumulation_dtype.
+// units), fp64 for double: the accumulation dtype the caller passes (see common.cuh, AccType).
 //
 // Parallelism: the direct route cannot split the sum over T across CTAs (squares of partial
 // sums are not partial sums of squares), so it has B * tiles CTAs; very small B with a small

@@ -7,9 +7,8 @@
 //     d   = d + momentum * buf      (nesterov)     | buf          (skipped: momentum == 0)
 //     p   = p - lr * d
 //
-// The stored (rounded to T) buffer is the one the step uses, as in the reference where buf is
-// a tensor of the parameter's dtype; 16-bit parameters are otherwise updated in fp32 and
-// rounded once per stored value.
+// The stored (rounded to T) buffer is the one the step uses, and each stored value (buffer,
+// parameter) is rounded once: the definition of engm_fast/reference.py.
 //
 // Multi-tensor layout (as torch's multi_tensor_apply, but with the metadata in device memory
 // instead of kernel arguments, so any number of tensors fits one launch): the caller builds an

@@ -4,7 +4,7 @@
 // One GEMM (outer_gemm.cuh, kWeighted) with the reduction over rows split across CTAs
 // ("split-K") so that a short-and-wide problem such as R = 131072 rows into a 64 x 576 output
 // (5 output tiles) still fills the GPU. The weight of each row is applied to the b tile in
-// shared memory as it lands (a rounding to T, as reference.py's `b * w.to(b.dtype)`), so no
+// shared memory as it lands (the product rounded once to T, engm_fast/reference.py), so no
 // scaled copy of b is ever written.
 //
 // Split choice (plan_weighted_outer_sum): as many splits as fill one wave of resident CTAs
@@ -90,7 +90,7 @@ __global__ void __launch_bounds__(kSumSplitsThreads)
 
 // Writes out ([d_out, d_in], row-major, contiguous) = sum_k w[k / rows_per_w] b[k]^T a[k]
 // over k < R. a: R rows of d_in (row stride a_row_stride, contiguous features), b likewise;
-// w: acc_t<T> weights already rounded to T's precision; ws: plan.ws_elems elements.
+// w: acc_t<T> weights (as given, not rounded to T); ws: plan.ws_elems elements.
 // R == 0 writes zeros. Asynchronous on `stream`.
 template <typename T>
 cudaError_t launch_weighted_outer_sum(const WeightedOuterSumPlan& plan, const T* a, int64_t a_row_stride, const T* b,

@@ -96,8 +96,10 @@ def _mha_forward(engine, m: nn.MultiheadAttention, name: str, query, key, value,
                  is_causal: bool = False):
     same_kv = key is value
     same_qk = query is key
-    query, key, value = engine.batched(query), engine.batched(key), engine.batched(value)
     is_batched = query.dim() == 3
+    # The true batch size first: the inputs may be Embedding outputs decided with it.
+    engine._batch = (query.shape[0 if m.batch_first else 1]) if is_batched else 1
+    query, key, value = engine.batched(query), engine.batched(key), engine.batched(value)
     if not is_batched:
         query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
         if key_padding_mask is not None:
@@ -106,7 +108,6 @@ def _mha_forward(engine, m: nn.MultiheadAttention, name: str, query, key, value,
         query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
     B, L, E = query.shape
     S = key.shape[1]
-    engine._batch = B
     H = m.num_heads
     hd = E // H
     if E != m.embed_dim:

@@ -158,15 +158,17 @@ def _rnn_forward(engine, module: nn.RNNBase, name: str, input, hx=None):
         raise NotImplementedError(f"module '{name}' ({type(module).__name__}): PackedSequence inputs are not "
                                   "supported by engm_fast; pad the sequences (e.g. pad_packed_sequence) and pass a "
                                   "tensor, masking the padded steps in the loss")
-    input = engine.batched(input)
     mode = _mode(module)
     batched = input.dim() == 3
+    # The true batch size first (the model's first argument may be time-major): the input may
+    # be an Embedding output whose batch dimension is decided with it.
+    engine._batch = input.shape[0 if module.batch_first else 1] if batched else 1
+    input = engine.batched(input)
     if not batched:  # [T, in]: one sequence, whatever batch_first says
         x = input.unsqueeze(0)
     else:
         x = input if module.batch_first else input.transpose(0, 1)
     B = x.shape[0]
-    engine._batch = B  # the true batch size, also for a time-major model input
     D = 2 if module.bidirectional else 1
     L = module.num_layers
     H_out = module.proj_size if getattr(module, "proj_size", 0) > 0 else module.hidden_size
@@ -211,9 +213,10 @@ def _rnn_forward(engine, module: nn.RNNBase, name: str, input, hx=None):
 
 
 def _cell_forward(engine, module: nn.RNNCellBase, name: str, input, hx=None):
-    input = engine.batched(input)
     mode = _mode(module)
     batched = input.dim() == 2
+    engine._batch = input.shape[0] if batched else 1
+    input = engine.batched(input)
     x = input if batched else input.unsqueeze(0)
     B = x.shape[0]
     H = module.hidden_size
