@@ -1,6 +1,7 @@
 """Builds the native extension ``engm_fast._C``; package metadata lives in pyproject.toml.
 
-* Always: a C++ extension from ``csrc/ops.cpp`` (operator schemas) and ``csrc/cpu/*.cpp``.
+* Always: a C++ extension from ``csrc/ops.cpp`` (operator schemas), ``csrc/composite/*.cpp``
+  (device-generic ops composed of the others) and ``csrc/cpu/*.cpp``.
 * Where the installed torch has CUDA, nvcc is found (``CUDA_HOME``) and CUDA bindings
   ``csrc/cuda/*.cu`` exist: a CUDA extension that adds them. Set ``TORCH_CUDA_ARCH_LIST``
   (e.g. "8.0;9.0") to choose the GPU targets; otherwise torch picks the visible GPU's. The
@@ -41,7 +42,7 @@ def _openmp_flag() -> list[str]:
 
 
 def _extension():
-    sources = _sources("csrc/ops.cpp") + _sources("csrc/cpu/*.cpp")
+    sources = _sources("csrc/ops.cpp") + _sources("csrc/composite/*.cpp") + _sources("csrc/cpu/*.cpp")
     cuda_sources = _sources("csrc/cuda/*.cu")
     cuda_kernels = _sources("csrc/cuda/kernels/*.cu")
     omp = _openmp_flag()

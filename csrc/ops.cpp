@@ -43,6 +43,12 @@ TORCH_LIBRARY(engm_fast, m) {
   // sum_i w_i b_i^T a_i, [d_out, d_in] in a's dtype. w: [B] in the accumulation dtype (float32 or
   // float64), which the products w_r b_r are formed and summed in.
   m.def("weighted_outer_sum(Tensor a, Tensor b, Tensor w) -> Tensor");
+  // The engine's finalize, one call per step for a list of layers j (csrc/composite/layer_lists.cpp,
+  // any device): sum_j per_example_sqnorm(a_j, b_j, modes_j, acc_dtype), [B] ...
+  m.def("per_example_sqnorms(Tensor[] a, Tensor[] b, str[] modes, ScalarType acc_dtype) -> Tensor");
+  // ... and out_j += weighted_outer_sum(a_j, b_j, w) in place (out_j contiguous, d_out_j * d_in_j
+  // elements, a_j's dtype), w in the accumulation dtype.
+  m.def("weighted_outer_sums_(Tensor[] a, Tensor[] b, Tensor w, Tensor(a!)[] out) -> ()");
   // One SGD-momentum step over lists of tensors (torch.optim.SGD's arithmetic), in place, in the
   // accumulation dtype, rounding only the stored buffer and parameter:
   //   d = grad + weight_decay * param

@@ -41,6 +41,19 @@ into ``D``.
     ``w`` to ``D`` first (one rounding of the operand instead of two: bfloat16 keeps 8 bits of
     a weight).
 
+``per_example_sqnorms(a, b, modes) -> [B]`` in ``acc``
+    The sum over a list of layers ``j`` of ``per_example_sqnorm(a_j, b_j, modes_j)``: the
+    squared norms of the per-example gradients of all those layers' parameters, in one call (the
+    engine's finalize: no Python per layer). The layers share ``B``, ``D`` and the device; each
+    has its own ``T``, ``d_in``, ``d_out`` and route. The layers' sums are added in ``acc`` in list
+    order.
+
+``weighted_outer_sums_(a, b, w, out)``
+    In place, for every layer ``j``: ``out_j <- round_D(out_j + weighted_outer_sum(a_j, b_j, w))``
+    (``out_j`` in ``D``, with ``d_out_j * d_in_j`` elements, read as ``[d_out_j, d_in_j]``): every
+    weighted reduction of a step added straight into the gradients, in one call. The deviation
+    allowed is that of ``weighted_outer_sum`` plus the rounding of the addition.
+
 ``sgd_momentum_update_(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, first_step)``
     One ``torch.optim.SGD`` step, in place, per element in ``acc = accumulation_dtype(param.dtype)``
     from the stored values::
@@ -89,6 +102,9 @@ __all__ = [
     "per_example_sqnorm",
     "weighted_outer_sum",
     "sgd_momentum_update_",
+    "per_example_sqnorms",
+    "weighted_outer_sums_",
+    "check_layer_lists",
     "accumulation_dtype",
     "choose_sqnorm_route",
     "resolve_sqnorm_mode",
@@ -257,6 +273,42 @@ def check_update_args(params: list[torch.Tensor], grads: list[torch.Tensor], mom
             raise ValueError(f"{op}: tensors on {used[0].device} and {t.device}; all must be on one device")
 
 
+def check_layer_lists(a: list[torch.Tensor], b: list[torch.Tensor], op: str,
+                      out: list[torch.Tensor] | None = None) -> list[tuple[int, int, int, int]]:
+    """Checks the layer lists of ``per_example_sqnorms`` / ``weighted_outer_sums_``: at least one
+    layer, every ``(a_j, b_j)`` valid (:func:`check_rows`), one ``B``, dtype and device across the
+    layers, and (``out``) one output per layer in that dtype and device, of ``d_out_j * d_in_j``
+    elements. Returns each layer's ``(B, T, d_in, d_out)``.
+
+    Example:
+        >>> check_layer_lists([torch.ones(4, 5), torch.ones(4, 3, 2)], [torch.ones(4, 1), torch.ones(4, 3, 6)], "op")
+        [(4, 1, 5, 1), (4, 3, 2, 6)]
+    """
+    if not isinstance(a, (list, tuple)) or not isinstance(b, (list, tuple)) or len(a) != len(b) or not a:
+        raise ValueError(f"{op}: a and b must be non-empty lists of the same length, got "
+                         f"{type(a).__name__} of {len(a) if isinstance(a, (list, tuple)) else '?'} and "
+                         f"{type(b).__name__} of {len(b) if isinstance(b, (list, tuple)) else '?'}")
+    shapes = [check_rows(x, y, f"{op} (layer {j})") for j, (x, y) in enumerate(zip(a, b))]
+    for j in range(1, len(a)):
+        if shapes[j][0] != shapes[0][0]:
+            raise ValueError(f"{op}: layer {j} has a batch of {shapes[j][0]}, layer 0 of {shapes[0][0]}")
+        if a[j].dtype != a[0].dtype or a[j].device != a[0].device:
+            raise TypeError(f"{op}: layer {j} is {a[j].dtype} on {a[j].device}, layer 0 {a[0].dtype} on "
+                            f"{a[0].device}: one call takes one dtype and device")
+    if out is not None:
+        if not isinstance(out, (list, tuple)) or len(out) != len(a):
+            raise ValueError(f"{op}: out must be a list of one tensor per layer ({len(a)})")
+        for j, (o, (_, _, d_in, d_out)) in enumerate(zip(out, shapes)):
+            if not isinstance(o, torch.Tensor) or o.dtype != a[0].dtype or o.device != a[0].device:
+                raise TypeError(f"{op}: out[{j}] must be a {a[0].dtype} tensor on {a[0].device}")
+            if not o.is_contiguous():
+                raise ValueError(f"{op}: out[{j}] must be contiguous (it is written in place as [d_out, d_in])")
+            if o.numel() != d_in * d_out:
+                raise ValueError(f"{op}: out[{j}] has {o.numel()} elements, layer {j}'s weighted sum "
+                                 f"[{d_out}, {d_in}] has {d_in * d_out}")
+    return shapes
+
+
 def choose_sqnorm_route(T: int, d_in: int, d_out: int) -> str:
     """The cheaper exact route for ``||b_i^T a_i||^2``: the one rule every backend follows.
 
@@ -352,6 +404,49 @@ def weighted_outer_sum(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor) -> tor
         bw = bw.to(b3.dtype).to(acc)  # the GEMM operand round_D(w_r b_r)
     out = torch.mm(bw.reshape(B * T, d_out).t(), a3.to(acc).reshape(B * T, d_in))
     return out.to(a3.dtype)
+
+
+def per_example_sqnorms(a: list[torch.Tensor], b: list[torch.Tensor], modes: list[str] | None = None) -> torch.Tensor:
+    """``sum_j per_example_sqnorm(a[j], b[j], modes[j])``: the per-example squared norms over
+    several layers' parameters, ``[B]`` in the accumulation dtype.
+
+    Args:
+        a, b: lists of one layer's inputs and output gradients each (as
+            :func:`per_example_sqnorm` takes them), sharing ``B``, dtype and device.
+        modes: one route per layer (default ``"auto"`` for every layer).
+
+    Example:
+        >>> a, b = [torch.randn(3, 4), torch.randn(3, 5, 2)], [torch.randn(3, 6), torch.randn(3, 5, 7)]
+        >>> torch.allclose(per_example_sqnorms(a, b), per_example_sqnorm(a[0], b[0]) + per_example_sqnorm(a[1], b[1]))
+        True
+    """
+    check_layer_lists(a, b, "per_example_sqnorms")
+    modes = ["auto"] * len(a) if modes is None else list(modes)
+    if len(modes) != len(a):
+        raise ValueError(f"per_example_sqnorms: {len(modes)} modes for {len(a)} layers")
+    total = per_example_sqnorm(a[0], b[0], modes[0])
+    for j in range(1, len(a)):
+        total = total + per_example_sqnorm(a[j], b[j], modes[j])
+    return total
+
+
+@torch.no_grad()
+def weighted_outer_sums_(a: list[torch.Tensor], b: list[torch.Tensor], w: torch.Tensor,
+                         out: list[torch.Tensor]) -> None:
+    """``out[j] += weighted_outer_sum(a[j], b[j], w)`` for every layer, in place (``out[j]`` read as
+    ``[d_out_j, d_in_j]``).
+
+    Example:
+        >>> a, b, w = [torch.ones(2, 3)], [torch.ones(2, 1)], torch.tensor([1.0, 2.0])
+        >>> out = [torch.ones(3)]
+        >>> weighted_outer_sums_(a, b, w, out)
+        >>> out[0]
+        tensor([4., 4., 4.])
+    """
+    shapes = check_layer_lists(a, b, "weighted_outer_sums_", out)
+    check_weights(w, a[0], "weighted_outer_sums_")
+    for x, y, o, (_, _, d_in, d_out) in zip(a, b, out, shapes):
+        o.view(d_out, d_in).add_(weighted_outer_sum(x, y, w))
 
 
 @torch.no_grad()

@@ -782,3 +782,76 @@ def test_opcheck(kernel_backend):
         torch.library.opcheck(op, (params, grads, bufs, 0.1, 0.9, 0.1, 0.01, False, False))
         torch.library.opcheck(op, (params, grads, bufs, 0.1, 0.9, 0.0, 1e-4, True, True))
         torch.library.opcheck(op, (params, grads, [], 0.1, 0.0, 0.0, 0.01, False, False))
+
+
+# ----------------------------------------------------------------------------- layer lists
+
+# Layers of one step: T = 1 rows, a ghost and a direct layer, a 2-D layer; B shared.
+LAYER_LISTS = [[(5, 1, 13, 7), (5, 33, 17, 3), (5, 3, 40, 50), (5, 0, 9, 1)], [(1, 0, 3, 2)]]
+
+
+def _layer_inputs(shapes, dtype, device, tag):
+    layers = [_shape_inputs(s, dtype, (tag, j), device) for j, s in enumerate(shapes)]
+    return [x for x, _, _ in layers], [y for _, y, _ in layers], layers[0][2]
+
+
+@pytest.mark.parametrize("backend,dtype", backend_cases(DTYPES, [torch.float32]), indirect=["backend"])
+@pytest.mark.parametrize("shapes", LAYER_LISTS, ids=lambda s: f"{len(s)}layers")
+def test_layer_lists(backend, dtype, shapes):
+    """per_example_sqnorms is the sum of the layers' norms (each within the sqnorm tolerance, so
+    the sum is within it of the summed scales); weighted_outer_sums_ adds each layer's weighted
+    sum into its output (within the outer tolerance plus the rounding of the addition)."""
+    a, b, w = _layer_inputs(shapes, dtype, backend.device, "lists")
+    truths = [sqnorm_truth(x, y) for x, y in zip(a, b)]
+    with backend.use():
+        total = engm_fast.ops.per_example_sqnorms(a, b)
+    assert total.dtype == reference.accumulation_dtype(dtype) and total.shape == (a[0].shape[0],)
+    exact, scale = sum(t[0] for t in truths), sum(t[1] for t in truths)
+    err = _max_error(total, exact, scale)
+    assert err <= TOLERANCE[dtype].sqnorm, f"per_example_sqnorms {dtype}: normalized error {err:.3g}"
+    start = [torch.randn(y.shape[-1] * x.shape[-1], dtype=torch.float64).to(backend.device, dtype)
+             for x, y in zip(a, b)]
+    out = [s.clone() for s in start]
+    with backend.use():
+        engm_fast.ops.weighted_outer_sums_(a, b, w, out)
+    u = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}[dtype]
+    acc = reference.accumulation_dtype(dtype)
+    for j, (x, y) in enumerate(zip(a, b)):
+        shape = (y.shape[-1], x.shape[-1])
+        begin = start[j].double().cpu().view(shape)
+        a3, b3 = _rows3(x), _rows3(y)
+        w_acc = w.detach().cpu().to(acc)[:, None, None]
+        operand = b3.double() * w_acc.double() if dtype == acc else (b3.to(acc) * w_acc).to(dtype).double()
+        exact = torch.einsum("bto,bti->oi", operand, a3.double())  # the op's sum, before any rounding
+        scale = torch.einsum("bto,bti->oi", (b3.double() * w_acc.double()).abs(), a3.double().abs())
+        # the outer deviation of the sum, then the rounding of the sum and of the addition
+        allowed = TOLERANCE[dtype].outer * scale + 2 * u * (begin.abs() + exact.abs())
+        deviation = (out[j].double().cpu().view(shape) - (begin + exact)).abs()
+        assert (deviation <= allowed).all(), f"weighted_outer_sums_ layer {j} {dtype}: {(deviation / allowed).max():.3g}x"
+
+
+def test_layer_lists_check_their_arguments(backend):
+    a, b, w = _layer_inputs(LAYER_LISTS[0], torch.float32, backend.device, "bad")
+    with backend.use():
+        with pytest.raises(ValueError, match="non-empty lists"):
+            engm_fast.ops.per_example_sqnorms([], [])
+        with pytest.raises(ValueError, match="layer 1 has a batch of 2"):
+            engm_fast.ops.per_example_sqnorms([a[0], a[1][:2]], [b[0], b[1][:2]])
+        with pytest.raises(TypeError, match="one call takes one dtype"):
+            engm_fast.ops.per_example_sqnorms([a[0], a[1].double()], [b[0], b[1].double()])
+        with pytest.raises(ValueError, match=r"out\[1\] has 3 elements"):
+            engm_fast.ops.weighted_outer_sums_(a[:2], b[:2], w, [torch.zeros(7 * 13, device=backend.device),
+                                                                 torch.zeros(3, device=backend.device)])
+        with pytest.raises(ValueError, match="contiguous"):
+            engm_fast.ops.weighted_outer_sums_(a[:1], b[:1], w, [torch.zeros(13, 7, device=backend.device).t()])
+
+
+def test_layer_lists_opcheck(kernel_backend):
+    k = kernel_backend.kernels()
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        a, b, w = _layer_inputs(LAYER_LISTS[0], dtype, kernel_backend.device, "opcheck-lists")
+        acc = reference.accumulation_dtype(dtype)
+        routes = [reference.resolve_sqnorm_mode("auto", max(1, s[1]), s[2], s[3]) for s in LAYER_LISTS[0]]
+        torch.library.opcheck(k.per_example_sqnorms.default, (a, b, routes, acc))
+        out = [torch.zeros(y.shape[-1] * x.shape[-1], dtype=dtype, device=kernel_backend.device) for x, y in zip(a, b)]
+        torch.library.opcheck(k.weighted_outer_sums_.default, (a, b, w.to(acc), out))

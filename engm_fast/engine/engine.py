@@ -34,9 +34,10 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
+from .. import ops
 from ..reference import accumulation_dtype
 from . import rules as _builtin_rules  # noqa: F401  (registers the built-in rules)
-from .contributions import Contribution, combine
+from .contributions import Contribution, Dense, OuterProduct, combine
 from .fallback import fallback_contributions
 from .registry import Rule, rule_for
 from .shared import CallSource, CallState, ParamSource, SharedOps, SharedTensor, plain
@@ -152,6 +153,13 @@ def release(model: nn.Module) -> None:
 class PerExampleGradients:
     """Per-example gradients of a set of parameters from one engine backward.
 
+    The per-step finalize runs in as few native calls as the contributions allow: Linear-like
+    (:class:`OuterProduct` with one group) and materialized (:class:`Dense`) contributions of
+    one dtype and device go to ONE ``engm_fast.ops.per_example_sqnorms`` call for their norms and
+    ONE ``engm_fast.ops.weighted_outer_sums_`` call that adds their weighted sums into the
+    gradients (a materialized ``[B, P]`` contribution is the outer product of ``g`` with ones);
+    the other kinds (convolutions, embeddings, blocks, sums) use their own native ops per layer.
+
     Attributes:
         batch_size: B.
         contributions: ``{parameter: Contribution}`` (factored per-example gradients).
@@ -163,6 +171,26 @@ class PerExampleGradients:
         self.contributions, self.names, self.batch_size = contributions, names, batch_size
         self._acc_dtype, self._device = acc_dtype, device
         self._param_sqnorms: dict[nn.Parameter, torch.Tensor] | None = None
+        self._sqnorms: torch.Tensor | None = None
+        self._groups: dict | None = None
+
+    def _layer_groups(self) -> tuple[dict, dict]:
+        """``({(dtype, device): [(param, a, b)]}, {param: other contribution})``: what the
+        layer-list ops take (``a [B, T, d_in]``, ``b [B, T, d_out]``) and the rest."""
+        if self._groups is None:
+            lists, others = {}, {}
+            for p, c in self.contributions.items():
+                if isinstance(c, OuterProduct) and c.groups == 1:
+                    a, b = c.a[:, :, 0], c.b[:, :, 0]
+                elif isinstance(c, Dense):
+                    a = c.g.reshape(self.batch_size, -1)
+                    b = a.new_ones(self.batch_size, 1)
+                else:
+                    others[p] = c
+                    continue
+                lists.setdefault((a.dtype, a.device), []).append((p, a, b))
+            self._groups = (lists, others)
+        return self._groups
 
     @torch.no_grad()
     def param_sqnorms(self) -> dict[nn.Parameter, torch.Tensor]:
@@ -171,19 +199,43 @@ class PerExampleGradients:
             self._param_sqnorms = {p: c.sqnorms() for p, c in self.contributions.items()}
         return self._param_sqnorms
 
+    @torch.no_grad()
     def sqnorms(self) -> torch.Tensor:
-        """``||g_i||^2`` over all parameters, ``[B]`` in the accumulation dtype."""
-        total = torch.zeros(self.batch_size, dtype=self._acc_dtype, device=self._device)
-        for n2 in self.param_sqnorms().values():
-            total = total + n2.to(total.dtype)
-        return total
+        """``||g_i||^2`` over all parameters, ``[B]`` in the accumulation dtype (computed once)."""
+        if self._sqnorms is None:
+            total = torch.zeros(self.batch_size, dtype=self._acc_dtype, device=self._device)
+            lists, others = self._layer_groups()
+            for layers in lists.values():
+                total += ops.per_example_sqnorms([a for _, a, _ in layers], [b for _, _, b in layers]).to(total.dtype)
+            for c in others.values():
+                total += c.sqnorms().to(total.dtype)
+            self._sqnorms = total
+        return self._sqnorms
 
     @torch.no_grad()
     def weighted_grads(self, w: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
         """``{parameter: sum_i w_i g_i}`` in each parameter's shape and dtype."""
+        out = {p: torch.zeros_like(p) for p in self.contributions}
+        self.add_weighted_(w, out)
+        return out
+
+    @torch.no_grad()
+    def add_weighted_(self, w: torch.Tensor, out: dict[nn.Parameter, torch.Tensor]) -> None:
+        """Adds ``sum_i w_i g_i`` into ``out[parameter]`` (a contiguous tensor of the parameter's
+        shape and dtype, e.g. its ``.grad``) for every parameter: one native call per dtype and
+        device for the Linear-like and materialized contributions."""
         if w.shape != (self.batch_size,):
             raise ValueError(f"weighted_grads: w must be [{self.batch_size}], got {tuple(w.shape)}")
-        return {p: c.weighted_sum(w).to(p.dtype) for p, c in self.contributions.items()}
+        lists, others = self._layer_groups()
+        for (dtype, _), layers in lists.items():
+            targets = [out[p] for p, _, _ in layers]
+            if all(t.dtype == dtype for t in targets):
+                ops.weighted_outer_sums_([a for _, a, _ in layers], [b for _, _, b in layers], w, targets)
+            else:  # a parameter of another dtype than its records (mixed-precision models)
+                for (p, a, b), t in zip(layers, targets):
+                    t.add_(ops.weighted_outer_sum(a, b, w).view(t.shape).to(t.dtype))
+        for p, c in others.items():
+            out[p].add_(c.weighted_sum(w).view(out[p].shape).to(out[p].dtype))
 
     @torch.no_grad()
     def zero_examples(self, mask: torch.Tensor) -> "PerExampleGradients":

@@ -4,6 +4,9 @@
 * :func:`weighted_outer_sum` ``(a, b, w) -> [d_out, d_in]``: ``sum_i w_i b_i^T a_i``.
 * :func:`sgd_momentum_update_` ``(params, grads, momentum_buffers, lr, momentum, dampening,
   weight_decay, nesterov, first_step)``: one fused torch.optim.SGD step, in place.
+* :func:`per_example_sqnorms` ``(a_list, b_list, modes=None) -> [B]`` and
+  :func:`weighted_outer_sums_` ``(a_list, b_list, w, out_list)``: the first two over a list of
+  layers in one call (the engine's per-step finalize).
 
 Backends: ``"torch"`` runs :mod:`engm_fast.reference`; ``"cpu"`` / ``"cuda"`` the native
 ``torch.ops.engm_fast.*``; ``"triton"`` ``torch.ops.engm_fast_triton.*`` (:mod:`engm_fast.triton`).
@@ -29,7 +32,8 @@ import torch
 from .. import _backend, reference
 from ..reference import accumulation_dtype
 
-__all__ = ["per_example_sqnorm", "weighted_outer_sum", "sgd_momentum_update_"]
+__all__ = ["per_example_sqnorm", "weighted_outer_sum", "sgd_momentum_update_", "per_example_sqnorms",
+           "weighted_outer_sums_"]
 
 if _backend._NATIVE:
     # Shape/dtype functions so the native ops work under torch.compile and fake tensors.
@@ -45,6 +49,14 @@ if _backend._NATIVE:
     # (the schema's Tensor(a!)[] annotations tell functionalization what is mutated).
     @torch.library.register_fake("engm_fast::sgd_momentum_update_")
     def _sgd_fake(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, first_step):
+        return None
+
+    @torch.library.register_fake("engm_fast::per_example_sqnorms")
+    def _sqnorms_fake(a, b, modes, acc_dtype):
+        return a[0].new_empty((a[0].shape[0],), dtype=acc_dtype)
+
+    @torch.library.register_fake("engm_fast::weighted_outer_sums_")
+    def _weighted_sums_fake(a, b, w, out):
         return None
 
 
@@ -86,6 +98,49 @@ def weighted_outer_sum(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor) -> tor
         return reference.weighted_outer_sum(a, b, w)
     acc = accumulation_dtype(a.dtype)
     return _kernel(backend, "weighted_outer_sum")(a, b, w if w.dtype == acc else w.to(acc))
+
+
+def per_example_sqnorms(a: list[torch.Tensor], b: list[torch.Tensor], modes: list[str] | None = None) -> torch.Tensor:
+    """``sum_j per_example_sqnorm(a[j], b[j], modes[j])`` in one call; see
+    :func:`engm_fast.reference.per_example_sqnorms`.
+
+    Example:
+        >>> import torch, engm_fast
+        >>> engm_fast.ops.per_example_sqnorms([torch.ones(2, 3), torch.ones(2, 1)], [torch.ones(2, 4), torch.ones(2, 5)])
+        tensor([17., 17.])
+    """
+    shapes = reference.check_layer_lists(a, b, "per_example_sqnorms")
+    modes = ["auto"] * len(a) if modes is None else list(modes)
+    if len(modes) != len(a):
+        raise ValueError(f"per_example_sqnorms: {len(modes)} modes for {len(a)} layers")
+    routes = [reference.resolve_sqnorm_mode(m, T, d_in, d_out) for m, (_, T, d_in, d_out) in zip(modes, shapes)]
+    backend = _backend.resolve(a[0].device)
+    if backend == "torch":
+        return reference.per_example_sqnorms(a, b, routes)
+    return _kernel(backend, "per_example_sqnorms")(list(a), list(b), routes, accumulation_dtype(a[0].dtype))
+
+
+def weighted_outer_sums_(a: list[torch.Tensor], b: list[torch.Tensor], w: torch.Tensor,
+                         out: list[torch.Tensor]) -> None:
+    """``out[j] += weighted_outer_sum(a[j], b[j], w)`` for every layer in one call, in place; see
+    :func:`engm_fast.reference.weighted_outer_sums_`.
+
+    Example:
+        >>> import torch, engm_fast
+        >>> out = [torch.zeros(1, 3)]
+        >>> engm_fast.ops.weighted_outer_sums_([torch.ones(2, 3)], [torch.ones(2, 1)], torch.tensor([1.0, 2.0]), out)
+        >>> out[0]
+        tensor([[3., 3., 3.]])
+    """
+    reference.check_layer_lists(a, b, "weighted_outer_sums_", out)
+    reference.check_weights(w, a[0], "weighted_outer_sums_")
+    backend = _backend.resolve(a[0].device)
+    with torch.no_grad():
+        if backend == "torch":
+            reference.weighted_outer_sums_(a, b, w, out)
+            return
+        acc = accumulation_dtype(a[0].dtype)
+        _kernel(backend, "weighted_outer_sums_")(list(a), list(b), w if w.dtype == acc else w.to(acc), list(out))
 
 
 def sgd_momentum_update_(params: list[torch.Tensor], grads: list[torch.Tensor],

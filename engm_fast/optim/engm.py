@@ -326,10 +326,18 @@ class ENGM(torch.optim.Optimizer):
             return None, (grads, norms)
         B = losses.shape[0]
         phi = example_weights(norms, self.weighting, self.eps, self.clip_norm, self.power)
-        sums = grads.weighted_grads(phi / B)  # every gradient computed before any .grad is written
         plain = grads.weighted_grads(torch.full_like(norms, 1.0 / B)) if self.track_variance else None
+        # Every check is done: the weighted sums go straight into .grad (one native call for
+        # the Linear-like and materialized layers, PerExampleGradients.add_weighted_).
+        targets = {}
+        for p in grads.contributions:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            elif not p.grad.is_contiguous():
+                p.grad = p.grad.contiguous()
+            targets[p] = p.grad
+        grads.add_weighted_(phi / B, targets)
         self.backward_steps += 1
-        self._write_grads(sums)
         self.last_dropped = []
         self._lazy_diagnostics = (norms.detach(), phi.detach(), plain)
         self._diagnostics = {}

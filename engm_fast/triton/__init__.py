@@ -24,18 +24,21 @@ listing this package (``pkgutil.walk_packages``, doctest collection) must not im
 """
 import importlib
 
-__all__ = ["per_example_sqnorm", "weighted_outer_sum", "sgd_momentum_update_", "interpreted", "load"]
+__all__ = ["per_example_sqnorm", "weighted_outer_sum", "sgd_momentum_update_", "per_example_sqnorms",
+           "weighted_outer_sums_", "interpreted", "load"]
 
 _WHERE = {
     "per_example_sqnorm": ".sqnorm",
     "weighted_outer_sum": ".weighted_outer",
     "sgd_momentum_update_": ".sgd_momentum",
+    "per_example_sqnorms": ".layer_lists",
+    "weighted_outer_sums_": ".layer_lists",
     "interpreted": "._common",
 }
 
 
 def load() -> None:
-    """Imports the three op modules (and triton), registering ``torch.ops.engm_fast_triton.*``."""
+    """Imports the op modules (and triton), registering ``torch.ops.engm_fast_triton.*``."""
     for name in _WHERE:
         __getattr__(name)
 
