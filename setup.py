@@ -7,8 +7,9 @@
   cuda_compile_check compiles). The kernels need compute capability 8.0 or newer.
 
   - The toolkit: ``CUDA_HOME`` (or ``CUDA_PATH``) when set; otherwise the folder that the
-    ``nvcc`` on PATH reports as its own (``nvcc -v --dryrun`` prints it), which also finds a
-    toolkit behind a wrapper script, where torch's guess (nvcc's parent folder) would not.
+    ``nvcc`` on PATH reports as its own (``nvcc -v`` prints it), which also finds a toolkit
+    behind a wrapper script, where torch's guess (nvcc's parent folder) would not. nvcc must
+    compile an empty file (with its host compiler) and be of torch's CUDA major version.
   - The CUDA library headers that torch's CUDA headers include (cusparse.h, cublas_v2.h, ...)
     and that a toolkit assembled from parts may lack come from the ``nvidia/*/include``
     folders of the installed NVIDIA wheels (CUDA torch depends on them).
@@ -61,29 +62,41 @@ def _openmp_flag() -> list[str]:
 
 
 def _run(*cmd: str) -> str:
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    """The output of a toolkit command that must succeed (else ToolkitUnusable, saying how)."""
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ToolkitUnusable(f"`{' '.join(cmd)}` failed: {exc}") from None
+    if done.returncode != 0:
+        # Without nvcc -v's own "#$ ..." lines: the error is what is left.
+        error = "\n".join(line for line in (done.stdout + done.stderr).splitlines()
+                          if not line.startswith("#$ "))
+        raise ToolkitUnusable(f"`{' '.join(cmd)}` failed (exit {done.returncode}):\n{error[-1500:]}")
     return done.stdout + done.stderr
 
 
 def _cuda_toolkit() -> str:
     """The CUDA toolkit's root folder, checked to build against this torch."""
+    nvcc_name = "nvcc.exe" if sys.platform == "win32" else "nvcc"
     root = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    # As torch: CUDA_HOME's nvcc, else the one on PATH, else the toolkit's default place.
+    nvcc = (os.path.join(root, "bin", nvcc_name) if root
+            else shutil.which("nvcc") or shutil.which("nvcc", path="/usr/local/cuda/bin"))
+    if nvcc is None or not os.path.isfile(nvcc):
+        raise ToolkitUnusable(f"CUDA_HOME={root} has no bin/{nvcc_name}" if root else
+                              "no nvcc on PATH nor in /usr/local/cuda/bin, and CUDA_HOME is not set")
+    # Compiling an empty file checks nvcc and its host compiler; with -v nvcc's driver prints
+    # the variables it sets, TOP being its toolkit's folder (also from behind a wrapper script).
+    log = _run(nvcc, "-v", "-c", "-x", "cu", os.devnull, "-o", os.devnull)
     if not root:
-        # As torch: nvcc on PATH, else the toolkit's default place.
-        nvcc = shutil.which("nvcc") or shutil.which("nvcc", path="/usr/local/cuda/bin")
-        if nvcc is None:
-            raise ToolkitUnusable("no nvcc on PATH nor in /usr/local/cuda/bin, and CUDA_HOME is not set")
-        # nvcc's driver prints the variables it sets, TOP being the toolkit it belongs to.
-        top = re.search(r"^#\$ TOP=(.+)$", _run(nvcc, "-v", "--dryrun", "-c", "-x", "cu", os.devnull), re.M)
+        top = re.search(r"^#\$ TOP=(.+)$", log, re.M)
         if top is None:
-            raise ToolkitUnusable(f"{nvcc} -v --dryrun did not name its toolkit (no '#$ TOP=' line)")
+            raise ToolkitUnusable(f"`{nvcc} -v` did not name its toolkit (no '#$ TOP=' line)")
         root = os.path.realpath(top.group(1).strip())
-    nvcc = os.path.join(root, "bin", "nvcc.exe" if sys.platform == "win32" else "nvcc")
-    if not os.path.isfile(nvcc):
-        raise ToolkitUnusable(f"no {nvcc}")
+        nvcc = os.path.join(root, "bin", nvcc_name)
     release = re.search(r"release (\d+)\.(\d+)", _run(nvcc, "--version"))
     if release is None or release.group(1) != torch.version.cuda.split(".")[0]:
-        found = release.group(0) if release else "no version"
+        found = release.group(0) if release else "of no release"
         raise ToolkitUnusable(f"{nvcc} is {found}, torch {torch.__version__} is built with CUDA "
                               f"{torch.version.cuda}: torch needs the same major version")
     cudart = "cudart.lib" if sys.platform == "win32" else "libcudart.so"
@@ -125,9 +138,9 @@ def _cuda_build() -> list[str] | None:
         # the like, possibly of another CUDA minor version than this nvcc's.
         include_dirs = [toolkit_include] + _library_header_dirs(toolkit_include)
     except ToolkitUnusable as reason:
-        print(f"engm_fast: WARNING: building the CPU extension only, without the CUDA kernels: "
-              f"{reason}. Point CUDA_HOME at a CUDA {torch.version.cuda.split('.')[0]}.x toolkit "
-              "and reinstall to get them.")
+        print(f"engm_fast: WARNING: building the CPU extension only, without the CUDA kernels, "
+              f"because {reason}\nengm_fast: for the CUDA kernels, point CUDA_HOME at a CUDA "
+              f"{torch.version.cuda.split('.')[0]}.x toolkit and reinstall.")
         return None
     os.environ["CUDA_HOME"] = toolkit
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
