@@ -6,7 +6,7 @@ from torch import nn
 
 import engm_fast
 from engm_fast.at import GradientMonitor
-from tests.conftest import vmap_per_example_grads
+from conftest import vmap_per_example_grads
 
 
 def _setup(seed=0, B=9):
