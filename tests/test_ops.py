@@ -548,6 +548,8 @@ def test_cuda_kernels_registered(backend):
             f"engm_fast::{op} has no CUDA kernel: the extension was built without csrc/cuda "
             "(torch without CUDA, or nvcc / CUDA_HOME not found at build time)"
         )
+    for op in ("per_example_sqnorms", "weighted_outer_sums_"):  # composite: through the kernels above
+        assert torch._C._dispatch_has_computed_kernel_for_dispatch_key(f"engm_fast::{op}", "CUDA"), op
 
 
 # ----------------------------------------------------------------------------- sgd_momentum_update_
