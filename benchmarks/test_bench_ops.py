@@ -36,12 +36,17 @@ def _inputs(shape, device):
 
 def _bench_op(benchmark, device, backend, op: str, *args):
     """Times ``reference.<op>(*args)`` or, on another backend, ``engm_fast.ops.<op>(*args)``."""
+    fn = getattr(reference if backend == "reference" else engm_fast.ops, op)
+    _bench_loop(benchmark, device, backend, lambda: fn(*args))
+
+
+def _bench_loop(benchmark, device, backend, fn):
+    """Times ``fn()`` with ``backend`` selected ("reference": no selection, it calls reference.*)."""
     if backend not in _backends(device):
         pytest.skip(f"backend {backend} is not available on {device.type}")
-    fn = getattr(reference if backend == "reference" else engm_fast.ops, op)
 
     def timed():
-        fn(*args)
+        fn()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
@@ -67,3 +72,47 @@ def test_weighted_outer_sum(benchmark, shape, backend, bench_device):
     a, b, w = _inputs(SHAPES[shape], bench_device)
     benchmark.group = f"weighted_outer_sum {shape}"
     _bench_op(benchmark, bench_device, backend, "weighted_outer_sum", a, b, w)
+
+
+# The layer-list ops on one step's layers: the MLP 784-512-512-10 at B = 256 (weights and the
+# biases as [B, P] x ones), in one call, next to the per-layer ops called in a Python loop.
+MLP_LAYERS = [(784, 512), (512, 512), (512, 10)]
+
+
+def _mlp_lists(device):
+    g = torch.Generator().manual_seed(0)
+    B = 256
+    a, b = [], []
+    for d_in, d_out in MLP_LAYERS:
+        x, y = torch.randn(B, d_in, generator=g), torch.randn(B, d_out, generator=g)
+        a += [x, y]  # the weight (x, y) and the bias (y, ones)
+        b += [y, torch.ones(B, 1)]
+    return [t.to(device) for t in a], [t.to(device) for t in b], torch.rand(B, generator=g).to(device)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "cuda", "triton"])
+@pytest.mark.parametrize("form", ["list", "loop"])
+def test_per_example_sqnorms(benchmark, form, backend, bench_device):
+    a, b, _ = _mlp_lists(bench_device)
+    benchmark.group = f"per_example_sqnorms mlp {form}"
+    if form == "list":
+        _bench_op(benchmark, bench_device, backend, "per_example_sqnorms", a, b)
+    else:
+        mod = reference if backend == "reference" else engm_fast.ops
+        _bench_loop(benchmark, bench_device, backend, lambda: [mod.per_example_sqnorm(x, y) for x, y in zip(a, b)])
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "cuda", "triton"])
+@pytest.mark.parametrize("form", ["list", "loop"])
+def test_weighted_outer_sums(benchmark, form, backend, bench_device):
+    a, b, w = _mlp_lists(bench_device)
+    out = [torch.zeros(y.shape[1] * x.shape[1], device=bench_device) for x, y in zip(a, b)]
+    benchmark.group = f"weighted_outer_sums_ mlp {form}"
+    if form == "list":
+        _bench_op(benchmark, bench_device, backend, "weighted_outer_sums_", a, b, w, out)
+    else:
+        mod = reference if backend == "reference" else engm_fast.ops
+        _bench_loop(benchmark, bench_device, backend,
+                    lambda: [o.view(y.shape[1], x.shape[1]).add_(mod.weighted_outer_sum(x, y, w))
+                             for x, y, o in zip(a, b, out)])
+
