@@ -3,9 +3,11 @@
 //   per_example_sqnorms(a, b, modes, acc_dtype)  sum_j per_example_sqnorm(a_j, b_j, modes_j)
 //   weighted_outer_sums_(a, b, w, out)           out_j += weighted_outer_sum(a_j, b_j, w)
 //
-// Composite: each layer goes through the dispatcher to the registered per-layer op, so these
-// run on every device that has per-layer kernels (CPU, CUDA) from this one file, with no
-// Python between layers. Registered as CompositeExplicitAutograd: the engine calls them under
+// Composite: each layer's norms go through the dispatcher to the registered per-layer op, and
+// float32 / float64 weighted sums are one ATen addmm_ into the output (no temporary of the
+// weight's size; 16-bit ones take the per-layer op for its rounding), so these run on every
+// device that has per-layer kernels (CPU, CUDA) from this one file, with no Python between
+// layers. Registered as CompositeExplicitAutograd: the engine calls them under
 // no_grad on detached records, and their fake implementations live next to the wrappers
 // (engm_fast/ops).
 
@@ -26,7 +28,7 @@ at::Tensor per_example_sqnorm_op(const at::Tensor& a, const at::Tensor& b, c10::
   return op.call(a, b, mode, acc);
 }
 
-at::Tensor weighted_outer_sum_op(const at::Tensor& a, const at::Tensor& b, const at::Tensor& w) {
+at::Tensor weighted_outer_sum_op(const at::Tensor& a, const at::Tensor& b, const at::Tensor& w) {  // 16-bit
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("engm_fast::weighted_outer_sum", "")
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
@@ -52,18 +54,44 @@ at::Tensor per_example_sqnorms(at::TensorList a, at::TensorList b, std::vector<s
   return total;
 }
 
+// out += (w * b)^T a with the weight folded into the smaller operand and the product added
+// straight into out (addmm_): no [d_out, d_in] temporary. For float32 and float64 inputs this is
+// weighted_outer_sum's arithmetic exactly (its inner rounding is the acc product's own); 16-bit
+// inputs take the per-layer op, whose operand rounding round_D(w_r b_r) the contract fixes, and
+// add its result.
+void add_weighted_outer(const at::Tensor& a, const at::Tensor& b, const at::Tensor& w, const at::Tensor& out,
+                        size_t j) {
+  const int64_t B = a.size(0);
+  const at::Tensor a3 = (a.dim() == 2 ? a.unsqueeze(1) : a).detach();
+  const at::Tensor b3 = (b.dim() == 2 ? b.unsqueeze(1) : b).detach();
+  const int64_t T = a3.size(1), d_in = a3.size(2), d_out = b3.size(2);
+  TORCH_CHECK(out.is_contiguous() && out.numel() == d_in * d_out && out.scalar_type() == a.scalar_type() &&
+                  out.device() == a.device(),
+              "weighted_outer_sums_: out[", j, "] must be a contiguous ", a.scalar_type(), " tensor on ", a.device(),
+              " of ", d_in * d_out, " elements, got ", out.scalar_type(), " ", out.sizes(), " on ", out.device());
+  at::Tensor target = out.view({d_out, d_in});
+  if (a.scalar_type() != w.scalar_type()) {  // 16-bit inputs: the op's rounding, then the addition
+    target.add_(weighted_outer_sum_op(a, b, w));
+    return;
+  }
+  TORCH_CHECK(w.dim() == 1 && w.size(0) == B, "weighted_outer_sums_: w must be [B] = [", B, "], got ", w.sizes());
+  const at::Tensor wv = w.detach().view({B, 1, 1});
+  if (d_out <= d_in) {
+    target.addmm_((b3 * wv).reshape({B * T, d_out}).t(), a3.reshape({B * T, d_in}));
+  } else {
+    target.addmm_(b3.reshape({B * T, d_out}).t(), (a3 * wv).reshape({B * T, d_in}));
+  }
+}
+
 void weighted_outer_sums_(at::TensorList a, at::TensorList b, const at::Tensor& w, at::TensorList out) {
   check_lists(a, b, "weighted_outer_sums_");
   TORCH_CHECK(out.size() == a.size(), "weighted_outer_sums_: ", out.size(), " outputs for ", a.size(), " layers");
   for (size_t j = 0; j < a.size(); ++j) {
-    const at::Tensor sum = weighted_outer_sum_op(a[j], b[j], w);
-    const at::Tensor& o = out[j];
-    TORCH_CHECK(o.is_contiguous() && o.numel() == sum.numel() && o.scalar_type() == sum.scalar_type() &&
-                    o.device() == sum.device(),
-                "weighted_outer_sums_: out[", j, "] must be a contiguous ", sum.scalar_type(), " tensor on ",
-                sum.device(), " of ", sum.numel(), " elements, got ", o.scalar_type(), " ", o.sizes(), " on ",
-                o.device());
-    o.view(sum.sizes()).add_(sum);
+    TORCH_CHECK(a[j].dim() >= 2 && b[j].dim() == a[j].dim() && a[j].size(0) == b[j].size(0) &&
+                    a[j].scalar_type() == b[j].scalar_type(),
+                "weighted_outer_sums_: layer ", j, ": a and b must both be [B, T, d] or [B, d] of one dtype, got ",
+                a[j].sizes(), " and ", b[j].sizes());
+    add_weighted_outer(a[j], b[j], w, out[j], j);
   }
 }
 

@@ -24,7 +24,7 @@ float64 inputs, as the op wrapper passes it): loaded 16-bit values feed ``tl.dot
 any other arithmetic (fp16 squares overflow above 256). float32 dots use
 ``input_precision="ieee"`` (no TF32): the reference is exact float32 arithmetic. float64 inputs
 use ``tl.dot`` on float64 operands with a float64 accumulator (accepted by Triton's ``tl.dot``;
-validated here under the interpreter only, no GPU was lent).
+what has run on which hardware is in the README's Limitations).
 """
 from __future__ import annotations
 
