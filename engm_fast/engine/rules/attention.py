@@ -33,13 +33,16 @@ __all__ = []
 
 
 class _ProjectionRecord(Record):
-    """``y = x W[rows]^T + b[rows]``: one projection of an attention layer."""
+    """``y = x W_rows^T + bias_rows``: one projection of an attention layer. ``weight_rows`` and
+    ``bias_rows`` are the ``(start, stop)`` rows of the packed parameters it uses, or None for all
+    of them (a separate q/k/v weight has its own matrix but a block of the packed bias)."""
 
-    __slots__ = ("name", "weight", "bias", "rows")
+    __slots__ = ("name", "weight", "bias", "weight_rows", "bias_rows")
 
-    def __init__(self, engine, name, weight, bias, rows):
+    def __init__(self, engine, name, weight, bias, weight_rows, bias_rows):
         super().__init__(engine)
-        self.name, self.weight, self.bias, self.rows = name, weight, bias, rows
+        self.name, self.weight, self.bias = name, weight, bias
+        self.weight_rows, self.bias_rows = weight_rows, bias_rows
 
     def describe(self) -> str:
         return f"module '{self.name}' (MultiheadAttention)"
@@ -51,18 +54,19 @@ class _ProjectionRecord(Record):
         engine = self.engine
         engine._check_batch(b, self)
         (x,) = saved
-        start, stop = self.rows
         with torch.no_grad():
             if self.weight.requires_grad:
-                c = OuterProduct(x.to(b.dtype), b, (stop - start, x.shape[-1]))
-                if (start, stop) != (0, self.weight.shape[0]):
-                    c = Sliced(c, start, stop, self.weight.shape)
-                engine._session.add(self.weight, c)
+                rows = self.weight_rows or (0, self.weight.shape[0])
+                c = OuterProduct(x.to(b.dtype), b, (rows[1] - rows[0], x.shape[-1]))
+                engine._session.add(self.weight, _block(c, rows, self.weight.shape))
             if self.bias is not None and self.bias.requires_grad:
-                c = Dense(b.sum(1))
-                if (start, stop) != (0, self.bias.shape[0]):
-                    c = Sliced(c, start, stop, self.bias.shape)
-                engine._session.add(self.bias, c)
+                rows = self.bias_rows or (0, self.bias.shape[0])
+                engine._session.add(self.bias, _block(Dense(b.sum(1)), rows, self.bias.shape))
+
+
+def _block(c, rows, shape):
+    """``c`` on the rows ``rows`` of a parameter of ``shape`` (itself when they are all rows)."""
+    return c if rows == (0, shape[0]) else Sliced(c, rows[0], rows[1], shape)
 
 
 class _ExpandedParamRecord(Record):
@@ -85,10 +89,14 @@ class _ExpandedParamRecord(Record):
         self.engine._session.add(self.param, Dense(b.reshape((b.shape[0],) + tuple(self.param.shape))))
 
 
-def _project(engine, name, x, weight, bias, start, stop):
-    w = weight if (start, stop) == (0, weight.shape[0]) else weight[start:stop]
-    b = None if bias is None else (bias if (start, stop) == (0, bias.shape[0]) else bias[start:stop])
-    return tap(_ProjectionRecord(engine, name, weight, bias, (start, stop)), (F.linear(x, w, b),), (x,))
+def _project(engine, name, x, weight, bias, start, stop, separate: bool = False):
+    """The projection of ``x`` by rows ``start:stop`` of the packed weight and bias (``separate``:
+    by all of ``weight``, a separate q/k/v matrix, and rows ``start:stop`` of the packed bias)."""
+    rows = (start, stop)
+    w = weight if separate or rows == (0, weight.shape[0]) else weight[start:stop]
+    b = None if bias is None else (bias if rows == (0, bias.shape[0]) else bias[start:stop])
+    record = _ProjectionRecord(engine, name, weight, bias, None if separate else rows, rows)
+    return tap(record, (F.linear(x, w, b),), (x,))
 
 
 def _mha_forward(engine, m: nn.MultiheadAttention, name: str, query, key, value, key_padding_mask=None,
@@ -141,9 +149,9 @@ def _mha_forward(engine, m: nn.MultiheadAttention, name: str, query, key, value,
             v = _project(engine, name, value, W, bias, 2 * E, 3 * E)
     else:
         bias = m.in_proj_bias
-        q = _project_separate(engine, name, query, m.q_proj_weight, bias, 0, E)
-        k = _project_separate(engine, name, key, m.k_proj_weight, bias, E, 2 * E)
-        v = _project_separate(engine, name, value, m.v_proj_weight, bias, 2 * E, 3 * E)
+        q = _project(engine, name, query, m.q_proj_weight, bias, 0, E, separate=True)
+        k = _project(engine, name, key, m.k_proj_weight, bias, E, 2 * E, separate=True)
+        v = _project(engine, name, value, m.v_proj_weight, bias, 2 * E, 3 * E, separate=True)
 
     if attn_mask is not None:
         if attn_mask.dim() == 2:
@@ -207,33 +215,6 @@ def _mha_forward(engine, m: nn.MultiheadAttention, name: str, query, key, value,
     elif not m.batch_first:
         out = out.transpose(0, 1)
     return out, weights
-
-
-def _project_separate(engine, name, x, weight, bias, start, stop):
-    """A separate q/k/v projection weight with its rows of the packed bias."""
-    b = None if bias is None else bias[start:stop]
-    record = _SeparateRecord(engine, name, weight, bias, (start, stop))
-    return tap(record, (F.linear(x, weight, b),), (x,))
-
-
-class _SeparateRecord(_ProjectionRecord):
-    """A separate projection weight (all its rows) with a block of the packed bias."""
-
-    __slots__ = ()
-
-    def complete(self, grads: tuple, saved: tuple) -> None:
-        b = grads[0]
-        if b is None:
-            return
-        engine = self.engine
-        engine._check_batch(b, self)
-        (x,) = saved
-        start, stop = self.rows
-        with torch.no_grad():
-            if self.weight.requires_grad:
-                engine._session.add(self.weight, OuterProduct(x.to(b.dtype), b, self.weight.shape))
-            if self.bias is not None and self.bias.requires_grad:
-                engine._session.add(self.bias, Sliced(Dense(b.sum(1)), start, stop, self.bias.shape))
 
 
 add_rule(Rule(nn.MultiheadAttention, None, OuterProduct, _mha_forward, "MultiheadAttention"))
