@@ -8,6 +8,7 @@ import torch.nn as nn
 
 from .engine import engine_of
 from .engine.engine import _check_losses
+from .engine.fsdp2 import is_sharded
 from .reference import accumulation_dtype
 
 __all__ = ["per_example_grad_norms"]
@@ -43,8 +44,12 @@ def per_example_grad_norms(model: nn.Module, losses: torch.Tensor, retain_graph:
         >>> engm_fast.per_example_grad_norms(model, losses).shape
         torch.Size([4])
     """
-    _check_losses(losses)
     engine = engine_of(model)
+    if engine is not None and is_sharded(model):  # FSDP2: every rank calls it, an empty batch allowed
+        from .optim.fsdp import sharded_per_example_grad_norms
+
+        return sharded_per_example_grad_norms(model, engine, losses, retain_graph)
+    _check_losses(losses)
     if engine is not None:
         return engine.backward(losses, retain_graph=retain_graph).sqnorms().sqrt()
     warnings.warn(

@@ -27,6 +27,7 @@ from .. import ops
 from ..engine import attach
 from ..engine.engine import _check_losses
 from ..reference import accumulation_dtype
+from ..engine.fsdp2 import is_sharded
 from .distributed import StepSums, _reduce_step_sums, ddp_of
 from .proxy import ProxyCalibration
 from .weighting import check_weighting, example_weights
@@ -160,6 +161,11 @@ class ENGM(torch.optim.Optimizer):
         if norm_source == "input_proxy":
             self._input_hook = model.register_forward_pre_hook(self._keep_input)
             self.engine.tie_hook(self._input_hook)
+        self._fsdp = None  # ENGM on an FSDP2-sharded model: optim/fsdp.py
+        if is_sharded(model):
+            from .fsdp import ShardedENGM
+
+            self._fsdp = ShardedENGM(self)
 
     # -- helpers ---------------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
@@ -190,7 +196,10 @@ class ENGM(torch.optim.Optimizer):
                              "whole model on one device per process (use DistributedDataParallel for several GPUs)")
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """As ``torch.optim.Optimizer.zero_grad``; also drops sums accumulated under DDP's ``no_sync()``."""
+        """As ``torch.optim.Optimizer.zero_grad``; also drops sums accumulated under DDP's ``no_sync()``
+        (FSDP2's ``set_requires_gradient_sync(False)``)."""
+        if self._fsdp is not None and self._pending is not None:
+            self._fsdp.discard_pending()
         self._pending = None
         super().zero_grad(set_to_none=set_to_none)
 
@@ -224,7 +233,7 @@ class ENGM(torch.optim.Optimizer):
             raise ValueError(f"losses has shape {tuple(losses.shape)} but the model's last input has a batch of "
                              f"{gx.shape[0]} (input shape {tuple(gx.shape)}): losses must hold one entry per example "
                              "(reduction='none', not averaged)")
-        return gx.reshape(gx.shape[0], -1).float().norm(dim=1)
+        return gx.reshape(gx.shape[0], math.prod(gx.shape[1:])).float().norm(dim=1)  # 0 rows too (an FSDP rank)
 
     def _finite_mask(self, values: torch.Tensor, what: str) -> torch.Tensor:
         finite = torch.isfinite(values)
@@ -271,6 +280,8 @@ class ENGM(torch.optim.Optimizer):
             calibrated proxy estimate), float32 (float64 for a float64 model); this rank's
             examples under DDP.
         """
+        if self._fsdp is not None:  # every check there: an error on one rank raises on all
+            return self._fsdp.backward(losses, input_grad_norms, scaler)
         # The same checks and exception types as per_example_grad_norms; an empty batch is
         # allowed under DDP (a rank with no examples still takes part in the reduction).
         _check_losses(losses, allow_empty=self._ddp is not None)
@@ -527,15 +538,16 @@ class ENGM(torch.optim.Optimizer):
         return loss
 
     def _fused_step(self, params: list, hyper: dict) -> None:
+        update = ops.sgd_momentum_update_ if self._fsdp is None else self._fsdp.sharded_update
         if hyper["momentum"] == 0:
-            ops.sgd_momentum_update_(params, [p.grad for p in params], [], first_step=False, **hyper)
+            update(params, [p.grad for p in params], [], first_step=False, **hyper)
             return
         have, need = [], []
         for p in params:
             (have if self.state[p].get("momentum_buffer") is not None else need).append(p)
         if have:
-            ops.sgd_momentum_update_(have, [p.grad for p in have], [self.state[p]["momentum_buffer"] for p in have],
-                                     first_step=False, **hyper)
+            update(have, [p.grad for p in have], [self.state[p]["momentum_buffer"] for p in have],
+                   first_step=False, **hyper)
         if need:
             bufs = []
             for p in need:
@@ -543,7 +555,7 @@ class ENGM(torch.optim.Optimizer):
                 buf = torch.zeros_like(p, memory_format=torch.preserve_format)
                 self.state[p]["momentum_buffer"] = buf
                 bufs.append(buf)
-            ops.sgd_momentum_update_(need, [p.grad for p in need], bufs, first_step=True, **hyper)
+            update(need, [p.grad for p in need], bufs, first_step=True, **hyper)
 
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:
