@@ -9,28 +9,31 @@ head, float32) on its own batch, one method at a time:
 * ``ddp_sgd`` / ``ddp_engm``: the unsharded model in DistributedDataParallel.
 
 For each, after two warm-up steps (momentum buffers and FSDP's lazy initialization exist),
-one step (``zero_grad``, forward, backward, ``step``) runs under
+steps (``zero_grad``, forward, backward, ``step``; 5 by default, the median reported) run under
 :func:`engm_fast.bench.measure.peak_step_memory`: on the CPU, torch.profiler's allocator
 events, whose running sum's maximum is the most tensor memory the step held at once *above*
 what was allocated before it. ``resident`` is what each rank holds between steps: its
 parameters (local shards under FSDP) and momentum buffers. ``total = resident + step peak``.
 
-Run (CPU, gloo; about a minute on 2 cores):
+Run (CPU, gloo; a few minutes on 2 cores; the README's table):
 
-    python benchmarks/fsdp_memory.py [--world 2] [--batch 8] [--seq 32] [--out benchmarks/results/fsdp_memory.json]
+    python benchmarks/fsdp_memory.py --width 512 --layers 6 --vocab 8192 --batch 4 \
+        [--world 2] [--seq 32] [--repeats 5] [--out benchmarks/results/fsdp_memory.json]
 """
 from __future__ import annotations
 
 import argparse
-import datetime
+import gc
 import json
 import os
-import socket
+import statistics
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+
+from engm_fast.bench.local_group import run_local_group
 
 METHODS = ("fsdp_sgd", "fsdp_engm", "ddp_sgd", "ddp_engm")
 
@@ -91,34 +94,35 @@ def _measure(method: str, args, rank: int) -> dict:
     opt.zero_grad(set_to_none=True)
     resident = sum(_local_bytes(p) for p in model.parameters())
     resident += sum(_local_bytes(s["momentum_buffer"]) for s in opt.state.values() if "momentum_buffer" in s)
-    dist.barrier()
-    peak = peak_step_memory(step, torch.device("cpu"))
+    # The peak of an FSDP step varies from step to step by up to ~20 MiB here (gloo runs the
+    # collectives in its own threads, whose allocations interleave with the step's frees), so
+    # several steps are measured; the cyclic garbage collector is kept out of them (FSDP2's
+    # states and parameter groups reference each other).
+    peaks = []
+    for _ in range(args.repeats):
+        opt.zero_grad(set_to_none=True)  # each measured step starts without gradients
+        dist.barrier()
+        gc.collect()
+        gc.disable()
+        try:
+            peaks.append(peak_step_memory(step, torch.device("cpu")))
+        finally:
+            gc.enable()
+    peak = int(statistics.median(peaks))
     return {"method": method, "rank": rank, "resident_bytes": resident, "step_peak_bytes": peak,
-            "total_bytes": resident + peak, "model_param_bytes": n_params * 4}
+            "step_peak_bytes_each": peaks, "total_bytes": resident + peak, "model_param_bytes": n_params * 4}
 
 
-def _worker(rank, world, port, args, queue):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=300))
-    try:
-        rows = []
-        for method in METHODS:
-            rows.append(_measure(method, args, rank))
-            if rank == 0:
-                print(f"measured {method}", flush=True)
-        gathered = [None] * world
-        dist.all_gather_object(gathered, rows)
+def _worker(rank, world, args, queue):
+    rows = []
+    for method in METHODS:
+        rows.append(_measure(method, args, rank))
         if rank == 0:
-            queue.put([r for per_rank in gathered for r in per_rank])
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+            print(f"measured {method}", flush=True)
+    gathered = [None] * world
+    dist.all_gather_object(gathered, rows)
+    if rank == 0:
+        queue.put([r for per_rank in gathered for r in per_rank])
 
 
 def main(argv=None):
@@ -129,23 +133,28 @@ def main(argv=None):
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=5, help="measured steps per method (median reported)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "fsdp_memory.json"))
     args = parser.parse_args(argv)
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    mp.spawn(_worker, args=(args.world, _free_port(), args, queue), nprocs=args.world, join=True)
+    run_local_group(_worker, args.world, args, queue, timeout_s=300)
     rows = queue.get()
     mib = 2.0 ** 20
     print(f"GPT-2-like model: width {args.width}, {args.layers} layers, vocabulary {args.vocab}, "
           f"{rows[0]['model_param_bytes'] / mib:.1f} MiB of float32 parameters; {args.world} ranks, "
           f"batch {args.batch} x {args.seq} tokens per rank")
-    print(f"{'method':<10} | {'rank':>4} | {'resident MiB':>12} | {'step peak MiB':>13} | {'total MiB':>9}")
+    print(f"{'method':<10} | {'rank':>4} | {'resident MiB':>12} | {'step peak MiB (median; min-max)':>31} | "
+          f"{'total MiB':>9}")
     for r in sorted(rows, key=lambda r: (METHODS.index(r["method"]), r["rank"])):
-        print(f"{r['method']:<10} | {r['rank']:>4} | {r['resident_bytes'] / mib:>12.2f} | "
-              f"{r['step_peak_bytes'] / mib:>13.2f} | {r['total_bytes'] / mib:>9.2f}")
+        each = r["step_peak_bytes_each"]
+        spread = f"{r['step_peak_bytes'] / mib:.1f} ({min(each) / mib:.1f}-{max(each) / mib:.1f})"
+        print(f"{r['method']:<10} | {r['rank']:>4} | {r['resident_bytes'] / mib:>12.1f} | {spread:>31} | "
+              f"{r['total_bytes'] / mib:>9.1f}")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as fh:
-        json.dump({"config": vars(args) | {"torch": torch.__version__, "device": "cpu", "backend": "gloo"},
+        config = {k: v for k, v in vars(args).items() if k != "out"}
+        json.dump({"config": config | {"torch": torch.__version__, "device": "cpu", "backend": "gloo"},
                    "rows": rows}, fh, indent=2)
     print(f"wrote {args.out}")
 

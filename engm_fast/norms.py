@@ -21,6 +21,11 @@ def per_example_grad_norms(model: nn.Module, losses: torch.Tensor, retain_graph:
     the forward) this is one backward pass. Without one, it falls back to one backward per
     example (exact, slow; a warning says so). Leaves every ``.grad`` as it was.
 
+    On a model sharded with FSDP2 (``fully_shard``), the norms are this rank's examples', over
+    the full-size parameters, from this rank's records (no communication for the norms); the
+    backward runs FSDP's collectives, so every rank calls it (an empty ``[0]`` batch is
+    allowed there) and an error on one rank raises on all.
+
     Args:
         model: the model whose forward produced ``losses``.
         losses: ``[B]`` per-example losses (not averaged).

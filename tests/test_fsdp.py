@@ -9,18 +9,15 @@ A 4-process run of the main scenarios is marked slow.
 """
 from __future__ import annotations
 
-import datetime
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
 import engm_fast
+from engm_fast.bench.local_group import run_local_group
 from engm_fast.engine import fsdp2
 from engm_fast.optim import fsdp as engm_fsdp
 
@@ -174,15 +171,18 @@ def _scenario_gpt2_exact(rank, world):
 
 def _scenario_proxy(rank, world):
     """Input proxy (calibrate_every=2): the fit from all ranks' pairs, FSDP's own reduction on the
-    proxy steps, divided by the global count."""
+    proxy steps, divided by the global count. Then with the LayerNorm's parameters left out of
+    FSDP (ignored_params: replicated, all-reduced by ENGM)."""
     sizes = [(4, 3, 3, 2)[:world], (5, 2, 1, 3)[:world], (3, 3, 0, 2)[:world], (2, 5, 2, 2)[:world]]
     kw = dict(HP, norm_source="input_proxy", calibrate_every=2)
-    _, opt, ref_opt = _run_steps(rank, world, _mlp_float_input, _shard_mlp_float, _float_data, _float_losses,
-                                 sizes, 300, kw, check_diag=False)
-    got, want = opt.proxy_stats, ref_opt.proxy_stats
-    assert got["calibrations"] == want["calibrations"] == 2
-    for key in ("alpha", "beta", "pearson_r"):
-        assert got[key] == pytest.approx(want[key], rel=1e-9, abs=1e-12), key
+    for shard in (_shard_mlp_float, _shard_mlp_float_ignoring_ln):
+        model, opt, ref_opt = _run_steps(rank, world, _mlp_float_input, shard, _float_data, _float_losses,
+                                         sizes, 300, kw, check_diag=False)
+        got, want = opt.proxy_stats, ref_opt.proxy_stats
+        assert got["calibrations"] == want["calibrations"] == 2
+        for key in ("alpha", "beta", "pearson_r"):
+            assert got[key] == pytest.approx(want[key], rel=1e-9, abs=1e-12), key
+    assert not hasattr(model.ln.weight, "full_tensor") and hasattr(model.l1.weight, "full_tensor")
 
 
 class _Affine(nn.Module):
@@ -221,6 +221,12 @@ def _shard_mlp_float(model, **kw):
     for unit in (model.l1, model.aff, model.l2):
         fully_shard(unit, **kw)
     return fully_shard(model, **kw)
+
+
+def _shard_mlp_float_ignoring_ln(model, **kw):
+    for unit in (model.l1, model.aff, model.l2):
+        fully_shard(unit, **kw)
+    return fully_shard(model, ignored_params={model.ln.weight, model.ln.bias}, **kw)
 
 
 def _float_data(sizes, seed):
@@ -445,30 +451,18 @@ SLOW_SCENARIOS = [_scenario_mlp_exact_uneven, _scenario_gpt2_exact, _scenario_pr
                   _scenario_drop, _scenario_error_on_one_rank]
 
 
-def _worker(rank, world, port, scenarios):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))  # a hang fails the test instead of blocking it
-    try:
-        for scenario in scenarios:
-            scenario(rank, world)
-            dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _run(rank, world, scenarios):
+    for scenario in scenarios:
+        scenario(rank, world)
+        dist.barrier()
 
 
 def test_fsdp2_engm_equals_single_process_engm():
     pytest.importorskip("transformers")
-    mp.spawn(_worker, args=(2, _free_port(), SCENARIOS), nprocs=2, join=True)
+    run_local_group(_run, 2, SCENARIOS)
 
 
 @pytest.mark.slow
 def test_fsdp2_engm_four_processes():
     pytest.importorskip("transformers")
-    mp.spawn(_worker, args=(4, _free_port(), SLOW_SCENARIOS), nprocs=4, join=True)
+    run_local_group(_run, 4, SLOW_SCENARIOS)

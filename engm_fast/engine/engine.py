@@ -422,7 +422,14 @@ class PerExampleEngine(SharedOps):
                 self._aliases[alias] = original
 
     def parameter_name(self, param: nn.Parameter) -> str | None:
-        """The qualified name of ``param`` in the model (or of the parameter it is an alias of), or None."""
+        """The qualified name of ``param`` in the model (or of the parameter it stands for), or None.
+
+        Example:
+            >>> import torch, engm_fast
+            >>> model = torch.nn.Sequential(torch.nn.Linear(3, 2))
+            >>> engm_fast.attach(model).parameter_name(model[0].bias)
+            '0.bias'
+        """
         return self._param_names.get(param)
 
     @property
@@ -863,7 +870,16 @@ class PerExampleEngine(SharedOps):
     def backward_unrecorded(self, losses: torch.Tensor, retain_graph: bool = False) -> None:
         """The autograd pass of :meth:`backward` with nothing recorded, for a batch of any size (0
         included). Under FSDP2 a rank with no examples runs it: the pass runs the same parameter
-        all-gathers as the other ranks' :meth:`backward`, which wait for it."""
+        all-gathers as the other ranks' :meth:`backward`, which wait for it.
+
+        Example:
+            >>> import torch, engm_fast
+            >>> model = torch.nn.Linear(3, 2)
+            >>> engine = engm_fast.attach(model)
+            >>> engine.backward_unrecorded(model(torch.zeros(0, 3)).sum(1))   # an empty batch
+            >>> model.weight.grad is None
+            True
+        """
         torch.autograd.grad(losses.sum(), [self._anchor], allow_unused=True, retain_graph=retain_graph)
 
     def _run_fallbacks(self, session: _Session) -> None:

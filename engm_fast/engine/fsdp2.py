@@ -86,8 +86,7 @@ def is_sharded(model: nn.Module) -> bool:
         >>> is_sharded(torch.nn.Linear(2, 2))
         False
     """
-    fsdp_module = _fsdp_module_class()
-    return fsdp_module is not None and any(isinstance(m, fsdp_module) for m in model.modules())
+    return _fsdp_module_class() is not None and any(is_unit(m) for m in model.modules())
 
 
 class ShardedParameter:

@@ -76,8 +76,9 @@ class ENGM(torch.optim.Optimizer):
     Args:
         model: the model whose forward produces the losses (the engine attaches to it here, so
             build the optimizer before the forward). A ``DistributedDataParallel`` model makes
-            every ``backward`` reduce over the ranks (see :meth:`backward`); a torch.compile'd
-            model works (not with ``fullgraph=True``).
+            every ``backward`` reduce over the ranks (see :meth:`backward`), and so does a model
+            sharded with FSDP2's ``fully_shard`` (build the optimizer after ``fully_shard``;
+            :mod:`engm_fast.optim.fsdp`); a torch.compile'd model works (not with ``fullgraph=True``).
         lr: learning rate, a number or a 1-element tensor (as ``torch.optim.SGD``).
         momentum, dampening, nesterov, weight_decay: as ``torch.optim.SGD``.
         weighting: the weight ``w_i = phi(||g_i||)`` of example ``i`` (:func:`example_weights`):
@@ -274,6 +275,9 @@ class ENGM(torch.optim.Optimizer):
         ``model.no_sync()`` only accumulates this rank's sums (no communication, ``.grad``
         untouched); the next backward made outside ``no_sync`` reduces them together with its
         own batch, as ONE batch of all those examples (see the README, "Distributed training").
+        On an FSDP2-sharded model the same holds for each rank's shard of ``.grad``, with
+        ``model.set_requires_gradient_sync(False)`` in place of ``no_sync()``; every rank must
+        call it (README, "Sharded training (FSDP2)").
 
         Returns:
             ``[B]`` per-example gradient norms the weights were computed from (exact, or the
@@ -285,12 +289,7 @@ class ENGM(torch.optim.Optimizer):
         # The same checks and exception types as per_example_grad_norms; an empty batch is
         # allowed under DDP (a rank with no examples still takes part in the reduction).
         _check_losses(losses, allow_empty=self._ddp is not None)
-        if input_grad_norms is not None and not isinstance(input_grad_norms, torch.Tensor):
-            raise TypeError(f"input_grad_norms must be a tensor [B], got {type(input_grad_norms).__name__}")
-        if input_grad_norms is not None and self.norm_source != "input_proxy":
-            raise ValueError("input_grad_norms is only used with norm_source='input_proxy'")
-        if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
-            raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+        self._check_backward_args(input_grad_norms, scaler)
         exact = (self.norm_source == "exact" or not self.proxy.fitted
                  or self.backward_steps % self.calibrate_every == 0)
         ddp = self._ddp
@@ -324,6 +323,15 @@ class ENGM(torch.optim.Optimizer):
         self._pending = None
         self._apply(total)
         return part.local_norms
+
+    def _check_backward_args(self, input_grad_norms, scaler) -> None:
+        """The checks of :meth:`backward`'s optional arguments (every path makes them)."""
+        if input_grad_norms is not None and not isinstance(input_grad_norms, torch.Tensor):
+            raise TypeError(f"input_grad_norms must be a tensor [B], got {type(input_grad_norms).__name__}")
+        if input_grad_norms is not None and self.norm_source != "input_proxy":
+            raise ValueError("input_grad_norms is only used with norm_source='input_proxy'")
+        if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
+            raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
 
     def _fast_exact(self, losses: torch.Tensor):
         """One process, exact norms, no GradScaler: one engine backward and ONE host

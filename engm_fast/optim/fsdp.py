@@ -206,12 +206,7 @@ class ShardedENGM:
         try:
             reducing = gradient_sync(opt.model)
             _check_losses(losses, allow_empty=True)
-            if input_grad_norms is not None and not isinstance(input_grad_norms, torch.Tensor):
-                raise TypeError(f"input_grad_norms must be a tensor [B], got {type(input_grad_norms).__name__}")
-            if input_grad_norms is not None and opt.norm_source != "input_proxy":
-                raise ValueError("input_grad_norms is only used with norm_source='input_proxy'")
-            if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
-                raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+            opt._check_backward_args(input_grad_norms, scaler)
             if scaler is not None and scaler.is_enabled():
                 raise NotImplementedError("ENGM under FSDP2 does not take a GradScaler: use MixedPrecisionPolicy with "
                                           "param_dtype=torch.bfloat16, which needs no loss scaling")
@@ -422,11 +417,10 @@ class ShardedENGM:
             mine = [sp for sp in unit.params if sp.sharded in chosen]
             if not mine:
                 continue
-            fulls = [full(sp.sharded, "sums") for sp in mine]
+            makers = [lambda p=sp.sharded: full(p, "sums") for sp in mine]
             if with_plain:
-                fulls += [full(sp.sharded, "plain") for sp in mine]
-            shards = _reduce_scatter(fulls, mine + (mine if with_plain else []), layout.group)
-            del fulls
+                makers += [lambda p=sp.sharded: full(p, "plain") for sp in mine]
+            shards = _reduce_scatter(makers, mine + (mine if with_plain else []), layout.group)
             for sp, s in zip(mine, shards):
                 _add_grad(sp.sharded, s.div_(total.n))
             if with_plain:
@@ -463,33 +457,37 @@ def _reduce_dtype(layout: _Layout, p: nn.Parameter) -> torch.dtype:
     return sp.reduce_dtype if sp is not None else p.dtype
 
 
-def _reduce_scatter(fulls: list[torch.Tensor], shards: list[ShardedParameter], group) -> list[torch.Tensor]:
-    """For each ``k``: the sum over the ranks of ``fulls[k]`` (full-size), restricted to this
-    rank's rows of ``shards[k]``, from ONE ``reduce_scatter_tensor`` over ``group``.
+def _reduce_scatter(makers: list, shards: list[ShardedParameter], group) -> list[torch.Tensor]:
+    """For each ``k``: the sum over the ranks of the full-size tensor ``makers[k]()`` (made one at
+    a time, copied into the reduce-scatter input and freed before the next is made), restricted
+    to this rank's rows of ``shards[k]``, from ONE ``reduce_scatter_tensor`` over ``group``.
 
     FSDP shards dim 0 as ``torch.chunk`` does: ``c = ceil(D / world)`` rows per rank, rank ``r``
     holding rows ``[r c, min(D, (r + 1) c))`` (the last ranks fewer or none). The input is laid
     out ``[world, sum_k c_k * rest_k]``, rank-major and zero-padded, as FSDP's own
-    reduce-scatter input is.
+    reduce-scatter input is. Peak memory: that input, one full-size tensor, and the output
+    (``1/world`` of the input).
     """
     world, rank = group.size(), group.rank()
-    dtype, device = fulls[0].dtype, fulls[0].device
     plan = []
-    for full in fulls:
-        D = full.shape[0]
-        rest = math.prod(full.shape[1:])
-        plan.append((D, -(-D // world), rest))
+    for sp in shards:
+        shape = sp.sharded.shape
+        D = shape[0]
+        plan.append((D, -(-D // world), math.prod(shape[1:])))
     total = sum(c * rest for _, c, rest in plan)
-    buf = torch.zeros(world, total, dtype=dtype, device=device)
-    offset = 0
-    for full, (D, c, rest) in zip(fulls, plan):
-        flat = full.to(dtype).reshape(D, rest)
+    buf, offset = None, 0
+    for make, (D, c, rest) in zip(makers, plan):
+        full = make()
+        if buf is None:
+            buf = torch.zeros(world, total, dtype=full.dtype, device=full.device)
+        flat = full.to(buf.dtype).reshape(D, rest)
         for j in range(world):
             lo, hi = j * c, min(D, (j + 1) * c)
             if hi > lo:
                 buf[j, offset:offset + (hi - lo) * rest].copy_(flat[lo:hi].reshape(-1))
+        del full, flat
         offset += c * rest
-    out = torch.empty(total, dtype=dtype, device=device)
+    out = torch.empty(total, dtype=buf.dtype, device=buf.device)
     dist.reduce_scatter_tensor(out, buf.view(-1), group=group)
     del buf
     result, offset = [], 0
