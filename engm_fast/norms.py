@@ -50,7 +50,11 @@ def per_example_grad_norms(model: nn.Module, losses: torch.Tensor, retain_graph:
         torch.Size([4])
     """
     engine = engine_of(model)
-    if engine is not None and is_sharded(model):  # FSDP2: every rank calls it, an empty batch allowed
+    if is_sharded(model):  # FSDP2: every rank calls it, an empty batch allowed
+        if engine is None:
+            raise ValueError("per_example_grad_norms on a model sharded with FSDP2 needs the engine: call "
+                             "engm_fast.attach(model) after fully_shard and before the forward (the slow "
+                             "one-backward-per-example route does not run on sharded parameters)")
         from .optim.fsdp import sharded_per_example_grad_norms
 
         return sharded_per_example_grad_norms(model, engine, losses, retain_graph)

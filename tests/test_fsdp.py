@@ -337,12 +337,19 @@ def _scenario_error_on_one_rank(rank, world):
 
 
 def _scenario_reshard_false_and_offload(rank, world):
-    """reshard_after_forward=False on every unit, then a CPU offload policy: the same results."""
+    """reshard_after_forward=False on every unit, a CPU offload policy, and an engine attached
+    before fully_shard (FSDP's hooks then run after the engine's): the same results."""
     sizes = [(3, 2, 2, 1)[:world], (1, 4, 0, 2)[:world]]
     _run_steps(rank, world, _mlp, _shard_mlp, _mlp_data, _mlp_losses, sizes, 600, dict(HP),
                shard_kw=dict(reshard_after_forward=False))
     _run_steps(rank, world, _mlp, _shard_mlp, _mlp_data, _mlp_losses, sizes, 610, dict(HP),
                shard_kw=dict(offload_policy=CPUOffloadPolicy(pin_memory=False)))
+    _run_steps(rank, world, _mlp, _attach_then_shard_mlp, _mlp_data, _mlp_losses, sizes, 620, dict(HP))
+
+
+def _attach_then_shard_mlp(model, **kw):
+    engm_fast.attach(model)
+    return _shard_mlp(model, **kw)
 
 
 def _scenario_mixed_precision(rank, world):
@@ -371,6 +378,8 @@ def _scenario_per_example_norms(rank, world):
                                                 (_mlp, _shard_mlp, _mlp_data, _mlp_losses, (3, 0, 2, 1))):
         model, ref = make(), make()
         shard(model)
+        with pytest.raises(ValueError, match="attach"):  # no engine: refused, not the slow per-example loop
+            engm_fast.per_example_grad_norms(model, losses_of(model, data((2,) * world, 799)[rank]))
         engm_fast.attach(model)
         engm_fast.attach(ref)
         sizes = sizes[:world]
@@ -397,6 +406,16 @@ def _scenario_unsupported(rank, world):
     fully_shard(hsdp, mesh=mesh)
     with pytest.raises(NotImplementedError, match="HSDP"):
         engm_fast.ENGM(hsdp, **HP)
+    late = _mlp()
+    _shard_mlp(late)
+    late(_mlp_data((2,) * world, 901)[rank][0])  # the root unit now holds its unsharded parameters
+    with pytest.raises(ValueError, match="before the forward"):
+        engm_fast.ENGM(late, **HP)
+    early = _mlp()
+    opt = engm_fast.ENGM(early, **HP)
+    _shard_mlp(early)  # after the optimizer: it holds parameters the model no longer has
+    with pytest.raises(ValueError, match="after fully_shard"):
+        engm_fast.ENGM(early, **HP, params=opt.param_groups[0]["params"])
     torch.manual_seed(24)
     odd = nn.Sequential(nn.Linear(4, 5), nn.PReLU(5), nn.Linear(5, 3)).double()  # PReLU: the torch.func fallback
     fully_shard(odd)

@@ -413,11 +413,12 @@ class PerExampleEngine(SharedOps):
             'weight'
         """
         for alias, original in aliases.items():
-            name = self._param_names.get(original)
+            # Either may be the one the engine saw registered when it named the parameters.
+            name = self._param_names.get(original) or self._param_names.get(alias)
             if name is None:
                 raise ValueError(f"alias_parameters: a parameter of shape {tuple(original.shape)} does not belong to "
                                  "the model")
-            self._param_names[alias] = name
+            self._param_names[original] = self._param_names[alias] = name
             if alias is not original:
                 self._aliases[alias] = original
 

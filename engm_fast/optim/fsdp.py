@@ -178,9 +178,16 @@ class ShardedENGM:
 
     def __init__(self, opt):
         self.opt = opt
+        opt.engine.refresh()  # an engine attached before fully_shard: hook the units' inputs too
         layout = _Layout(opt.model, opt.engine, opt._params())  # raises for what is not supported
         model_params = {id(p) for p in opt.model.parameters()}
         self._replicated: dict = {}  # gradients of parameters outside every unit from a proxy backward
+        stand_ins = {id(sp.unsharded) for u in layout.units for sp in u.params if sp.unsharded is not None}
+        held = [tuple(p.shape) for p in layout.replicated if id(p) in stand_ins]
+        if held:
+            raise ValueError(f"ENGM under FSDP2: {len(held)} parameter(s) (shapes {held[:3]}) are FSDP's unsharded "
+                             "parameters, which a unit holds between its forward and its backward: build the "
+                             "optimizer after fully_shard and before the forward (or after a backward)")
         stale = [tuple(p.shape) for p in layout.replicated if id(p) not in model_params]
         if stale:
             raise ValueError(f"ENGM under FSDP2: {len(stale)} parameter(s) (shapes {stale[:3]}) are not the model's: "
