@@ -464,10 +464,14 @@ def _reduce_dtype(layout: _Layout, p: nn.Parameter) -> torch.dtype:
     return sp.reduce_dtype if sp is not None else p.dtype
 
 
+# torch 2.13 renamed reduce_scatter_tensor (deprecated there, with the same signature).
+_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 def _reduce_scatter(makers: list, shards: list[ShardedParameter], group) -> list[torch.Tensor]:
     """For each ``k``: the sum over the ranks of the full-size tensor ``makers[k]()`` (made one at
     a time, copied into the reduce-scatter input and freed before the next is made), restricted
-    to this rank's rows of ``shards[k]``, from ONE ``reduce_scatter_tensor`` over ``group``.
+    to this rank's rows of ``shards[k]``, from ONE reduce-scatter over ``group``.
 
     FSDP shards dim 0 as ``torch.chunk`` does: ``c = ceil(D / world)`` rows per rank, rank ``r``
     holding rows ``[r c, min(D, (r + 1) c))`` (the last ranks fewer or none). The input is laid
@@ -495,7 +499,7 @@ def _reduce_scatter(makers: list, shards: list[ShardedParameter], group) -> list
         del full, flat
         offset += c * rest
     out = torch.empty(total, dtype=buf.dtype, device=buf.device)
-    dist.reduce_scatter_tensor(out, buf.view(-1), group=group)
+    _REDUCE_SCATTER(out, buf.view(-1), group=group)
     del buf
     result, offset = [], 0
     for sp, (D, c, rest) in zip(shards, plan):
