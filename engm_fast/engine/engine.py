@@ -624,33 +624,6 @@ class PerExampleEngine(SharedOps):
 
         return hook
 
-    def _unit_input_hook(self, name: str):
-        """A forward pre-hook of an FSDP2 unit: shared inputs made plain before FSDP's own hook
-        (an Embedding output found batched is tapped as the batched call it is; a value shared
-        by the batch cannot be followed into the unit, its parameters are marked untracked)."""
-        engine = self
-
-        def pre_hook(module, args, kwargs):
-            if not engine._recording():
-                return None
-            flat, spec = tree_flatten((args, kwargs))
-            if not any(isinstance(a, SharedTensor) for a in flat):
-                return None
-            for i, a in enumerate(flat):
-                if not isinstance(a, SharedTensor):
-                    continue
-                v = a._plain
-                if a._maybe_batched and engine._batch is not None and v.dim() > 0 and v.shape[0] == engine._batch:
-                    flat[i] = engine._resolve_batched(a)
-                else:
-                    for s in a._sources:
-                        s.untrack(engine, f"is an input of the FSDP2 unit '{name}' (fully_shard), whose input hook "
-                                          "engm_fast cannot follow a value shared by the batch through")
-                    flat[i] = v
-            return tree_unflatten(flat, spec)
-
-        return pre_hook
-
     def _tap_rule_call(self, rule: Rule, module: nn.Module, name: str, args: tuple, output: torch.Tensor):
         inputs = tuple(a for a in args if isinstance(a, torch.Tensor))
         return tap(_CallRecord(self, name, module, rule, args), (output,), inputs)
@@ -709,6 +682,33 @@ class PerExampleEngine(SharedOps):
             return eager_post(module, args, kwargs, output)
 
         return post_hook
+
+    def _unit_input_hook(self, name: str):
+        """A forward pre-hook of an FSDP2 unit: shared inputs made plain before FSDP's own hook
+        (an Embedding output found batched is tapped as the batched call it is; a value shared
+        by the batch cannot be followed into the unit, its parameters are marked untracked)."""
+        engine = self
+
+        def pre_hook(module, args, kwargs):
+            if not engine._recording():
+                return None
+            flat, spec = tree_flatten((args, kwargs))
+            if not any(isinstance(a, SharedTensor) for a in flat):
+                return None
+            for i, a in enumerate(flat):
+                if not isinstance(a, SharedTensor):
+                    continue
+                v = a._plain
+                if a._maybe_batched and engine._batch is not None and v.dim() > 0 and v.shape[0] == engine._batch:
+                    flat[i] = engine._resolve_batched(a)
+                else:
+                    for s in a._sources:
+                        s.untrack(engine, f"is an input of the FSDP2 unit '{name}' (fully_shard), whose input hook "
+                                          "engm_fast cannot follow a value shared by the batch through")
+                    flat[i] = v
+            return tree_unflatten(flat, spec)
+
+        return pre_hook
 
     def _tap_fallback(self, name, module, args, kwargs, output):
         """Routes the call's tensor outputs through one tap for the torch.func fallback."""
