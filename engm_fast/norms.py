@@ -8,6 +8,7 @@ import torch.nn as nn
 
 from .engine import engine_of
 from .engine.engine import _check_losses
+from .engine.fsdp2 import is_sharded
 from .reference import accumulation_dtype
 
 __all__ = ["per_example_grad_norms"]
@@ -19,6 +20,11 @@ def per_example_grad_norms(model: nn.Module, losses: torch.Tensor, retain_graph:
     With an engine attached (``engm_fast.attach(model)`` or an ``ENGM(model, ...)`` built before
     the forward) this is one backward pass. Without one, it falls back to one backward per
     example (exact, slow; a warning says so). Leaves every ``.grad`` as it was.
+
+    On a model sharded with FSDP2 (``fully_shard``), the norms are this rank's examples', over
+    the full-size parameters, from this rank's records (no communication for the norms); the
+    backward runs FSDP's collectives, so every rank calls it (an empty ``[0]`` batch is
+    allowed there) and an error on one rank raises on all.
 
     Args:
         model: the model whose forward produced ``losses``.
@@ -43,8 +49,16 @@ def per_example_grad_norms(model: nn.Module, losses: torch.Tensor, retain_graph:
         >>> engm_fast.per_example_grad_norms(model, losses).shape
         torch.Size([4])
     """
-    _check_losses(losses)
     engine = engine_of(model)
+    if is_sharded(model):  # FSDP2: every rank calls it, an empty batch allowed
+        if engine is None:
+            raise ValueError("per_example_grad_norms on a model sharded with FSDP2 needs the engine: call "
+                             "engm_fast.attach(model) after fully_shard and before the forward (the slow "
+                             "one-backward-per-example route does not run on sharded parameters)")
+        from .optim.fsdp import sharded_per_example_grad_norms
+
+        return sharded_per_example_grad_norms(model, engine, losses, retain_graph)
+    _check_losses(losses)
     if engine is not None:
         return engine.backward(losses, retain_graph=retain_graph).sqnorms().sqrt()
     warnings.warn(

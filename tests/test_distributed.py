@@ -7,17 +7,14 @@ find_unused_parameters=True, and DDP's own reducer staying idle. The reference i
 """
 from __future__ import annotations
 
-import datetime
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
 import engm_fast
+from engm_fast.bench.local_group import run_local_group
 
 WORLD = 2
 TOL = 1e-10
@@ -265,23 +262,11 @@ SCENARIOS = [_scenario_uneven_and_empty, _scenario_no_sync, _scenario_proxy, _sc
              _scenario_static_graph_rejected]
 
 
-def _worker(rank, port):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))  # a hang fails the test instead of blocking it
-    try:
-        for scenario in SCENARIOS:
-            scenario(rank)
-            dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _run(rank, world):
+    for scenario in SCENARIOS:
+        scenario(rank)
+        dist.barrier()
 
 
 def test_ddp_engm_equals_single_process_engm():
-    mp.spawn(_worker, args=(_free_port(),), nprocs=WORLD, join=True)
+    run_local_group(_run, WORLD)  # a 60 s process group timeout: a hang fails the test instead of blocking it

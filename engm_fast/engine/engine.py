@@ -29,16 +29,18 @@ import inspect
 import sys
 import types
 import weakref
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn as nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .. import ops
 from ..reference import accumulation_dtype
 from . import rules as _builtin_rules  # noqa: F401  (registers the built-in rules)
 from .contributions import Contribution, Dense, OuterProduct, combine
 from .fallback import fallback_contributions
+from .fsdp2 import is_unit
 from .registry import Rule, rule_for
 from .shared import CallSource, CallState, ParamSource, SharedOps, SharedTensor, plain
 from .tap import Record, recording_allowed, tap
@@ -247,16 +249,18 @@ class PerExampleGradients:
 class _Session:
     """What one engine backward collects: contributions per wanted parameter, deferred fallbacks."""
 
-    __slots__ = ("batch", "wanted", "parts", "deferred", "records")
+    __slots__ = ("batch", "wanted", "parts", "deferred", "records", "error", "aliases")
 
-    def __init__(self, batch: int, wanted: set):
-        self.batch, self.wanted = batch, wanted
+    def __init__(self, batch: int, wanted: set, aliases: dict):
+        self.batch, self.wanted, self.aliases = batch, wanted, aliases
         self.parts: dict[nn.Parameter, list[Contribution]] = {}
         self.deferred: list = []
         self.records = 0
+        self.error: Exception | None = None  # the first error of a record, raised after the autograd pass
 
     def add(self, param: nn.Parameter, contribution: Contribution) -> None:
         self.records += 1
+        param = self.aliases.get(param, param)
         if param in self.wanted:
             self.parts.setdefault(param, []).append(contribution.compact())
 
@@ -351,8 +355,10 @@ class PerExampleEngine(SharedOps):
         self._reached: set = set()
         self._tapped_since_backward: set[str] = set()
         self._untracked: dict[nn.Parameter, str] = {}
+        self._aliases: dict[nn.Parameter, nn.Parameter] = {}  # alias_parameters: {stand-in: model's parameter}
         self._hooked: dict[nn.Module, str] = {}
         self._layout_hooked: set = set()
+        self._unit_hooked: set = set()  # FSDP2 units (fully_shard): their inputs are made plain
         self._layout_stack: list[int] = []
         self._kinds: dict[str, str] = {}  # module name -> "rule" | "forward" | "generic"
         self._call_states: dict[nn.Module, list[CallState]] = {}
@@ -404,6 +410,13 @@ class PerExampleEngine(SharedOps):
             added.append(label)
         for n, p in self.model.named_parameters(remove_duplicate=False):
             self._param_names.setdefault(p, n)  # a tied parameter keeps its first name
+        for name, module in self.model.named_modules():
+            if is_unit(module) and module not in self._unit_hooked:
+                self._unit_hooked.add(module)
+                # prepend: before FSDP2's own pre-hook, which passes the inputs through an
+                # autograd Function (a SharedTensor would come out of it a plain tensor)
+                self._handles.append(module.register_forward_pre_hook(self._unit_input_hook(name or "<root>"),
+                                                                      prepend=True, with_kwargs=True))
         return added
 
     def _install_forward_rule(self, name: str, module: nn.Module, rule: Rule) -> None:
@@ -432,6 +445,45 @@ class PerExampleEngine(SharedOps):
         if added:
             self._verified_signature = None
         return added
+
+    def alias_parameters(self, aliases: dict[nn.Parameter, nn.Parameter]) -> None:
+        """Declares each key a stand-in for the model's parameter it maps to: a contribution
+        recorded for the stand-in (the object a module held when it ran) is the parameter's, and
+        the stand-in reaching the losses is the parameter reaching them.
+
+        For wrappers that register other parameter objects on the modules while they run:
+        FSDP2's full-size unsharded parameters stand for the sharded ones the model reports
+        (:mod:`engm_fast.engine.fsdp2`). The table is kept (stand-ins added later join it).
+
+        Example:
+            >>> import torch, engm_fast
+            >>> model = torch.nn.Linear(3, 2)
+            >>> engine = engm_fast.attach(model)
+            >>> full = torch.nn.Parameter(model.weight.detach().clone())
+            >>> engine.alias_parameters({full: model.weight})
+            >>> engine.parameter_name(full)
+            'weight'
+        """
+        for alias, original in aliases.items():
+            # Either may be the one the engine saw registered when it named the parameters.
+            name = self._param_names.get(original) or self._param_names.get(alias)
+            if name is None:
+                raise ValueError(f"alias_parameters: a parameter of shape {tuple(original.shape)} does not belong to "
+                                 "the model")
+            self._param_names[original] = self._param_names[alias] = name
+            if alias is not original:
+                self._aliases[alias] = original
+
+    def parameter_name(self, param: nn.Parameter) -> str | None:
+        """The qualified name of ``param`` in the model (or of the parameter it stands for), or None.
+
+        Example:
+            >>> import torch, engm_fast
+            >>> model = torch.nn.Sequential(torch.nn.Linear(3, 2))
+            >>> engm_fast.attach(model).parameter_name(model[0].bias)
+            '0.bias'
+        """
+        return self._param_names.get(param)
 
     @property
     def fallback_modules(self) -> list[str]:
@@ -664,7 +716,10 @@ class PerExampleEngine(SharedOps):
             if stack:
                 state, params = stack.pop()
                 for n, p in params:
-                    module._parameters[n] = p
+                    # Only where the wrapper is still in place: FSDP2's post-forward hook may have
+                    # registered the sharded parameter meanwhile (reshard_after_forward=True).
+                    if isinstance(module._parameters.get(n), SharedTensor):
+                        module._parameters[n] = p
                 state.active = False
             elif not (torch.compiler.is_compiling() and engine._recording()):
                 return None
@@ -688,6 +743,33 @@ class PerExampleEngine(SharedOps):
             return eager_post(module, args, kwargs, output)
 
         return post_hook
+
+    def _unit_input_hook(self, name: str):
+        """A forward pre-hook of an FSDP2 unit: shared inputs made plain before FSDP's own hook
+        (an Embedding output found batched is tapped as the batched call it is; a value shared
+        by the batch cannot be followed into the unit, its parameters are marked untracked)."""
+        engine = self
+
+        def pre_hook(module, args, kwargs):
+            if not engine._recording():
+                return None
+            flat, spec = tree_flatten((args, kwargs))
+            if not any(isinstance(a, SharedTensor) for a in flat):
+                return None
+            for i, a in enumerate(flat):
+                if not isinstance(a, SharedTensor):
+                    continue
+                v = a._plain
+                if a._maybe_batched and engine._batch is not None and v.dim() > 0 and v.shape[0] == engine._batch:
+                    flat[i] = engine._resolve_batched(a)
+                else:
+                    for s in a._sources:
+                        s.untrack(engine, f"is an input of the FSDP2 unit '{name}' (fully_shard), whose input hook "
+                                          "engm_fast cannot follow a value shared by the batch through")
+                    flat[i] = v
+            return tree_unflatten(flat, spec)
+
+        return pre_hook
 
     def _tap_fallback(self, name, module, args, kwargs, output):
         """Routes the call's tensor outputs through one tap for the torch.func fallback."""
@@ -722,6 +804,19 @@ class PerExampleEngine(SharedOps):
             self._note_untracked(p, f"module '{name}' ({type(module).__name__}) {reason}")
 
     # -- backward ------------------------------------------------------------------------
+    def _complete(self, record: Record, grads: tuple, saved: tuple) -> None:
+        """Completes one record inside the engine's backward (called by its tap). An error is
+        kept and raised when the autograd pass is over, not inside it: the pass still runs to
+        its end, so that under FSDP2 a rank whose record fails takes part in every collective
+        of the backward (parameter all-gathers) that the other ranks wait on."""
+        session = self._session
+        if session.error is not None:
+            return
+        try:
+            record.complete(grads, saved)
+        except Exception as exc:  # noqa: BLE001  (re-raised after the pass, in backward)
+            session.error = exc
+
     def _check_batch(self, g: torch.Tensor, record: Record) -> None:
         B = self._session.batch
         layout = getattr(record, "batch_dim", 0)
@@ -759,7 +854,8 @@ class PerExampleEngine(SharedOps):
             session.add(params[pname], c)
 
     def backward(self, losses: torch.Tensor, params: Iterable[nn.Parameter] | None = None,
-                 retain_graph: bool = False, loss_weights: torch.Tensor | None = None) -> PerExampleGradients:
+                 retain_graph: bool = False, loss_weights: torch.Tensor | None = None,
+                 before_pass: Callable[[], None] | None = None) -> PerExampleGradients:
         """One backward of ``sum_i losses_i``; per-example gradients of ``params``.
 
         Args:
@@ -769,6 +865,9 @@ class PerExampleEngine(SharedOps):
             retain_graph: keep the graph for another backward.
             loss_weights: optional ``[B]`` multipliers of the losses in the backward (0 drops an
                 example: its gradient is exactly zero).
+            before_pass: called once every check on the losses has passed, right before the
+                autograd pass; an error it raises propagates and no pass runs. Under FSDP2 the
+                ranks agree there that all of them run the pass (it runs collectives).
 
         Returns:
             :class:`PerExampleGradients`; parameters' ``.grad`` are not touched.
@@ -791,26 +890,32 @@ class PerExampleEngine(SharedOps):
         if signature != self._verified_signature:
             self._reached = _reached_parameters(losses)
             self._verified_signature = signature
-        if wanted_set and not (self._reached & wanted_set):
+        reached = {self._aliases.get(p, p) for p in self._reached} if self._aliases else self._reached
+        if wanted_set and not (reached & wanted_set):
             raise ValueError("losses have no graph to the model's trainable parameters "
                              "(computed from another model, or under torch.no_grad?)")
         self._tapped_since_backward = set()
         total = (losses if loss_weights is None else losses * loss_weights).sum()
-        session = _Session(B, wanted_set)
+        if before_pass is not None:
+            before_pass()
+        session = _Session(B, wanted_set, self._aliases)
         self._session = session
         try:
             torch.autograd.grad(total, [self._anchor], allow_unused=True, retain_graph=retain_graph)
         finally:
             self._session = None
+        if session.error is not None:
+            raise session.error
         if not session.records:
             raise ValueError("losses have no graph through the model's managed modules: were they computed "
                              "from a forward of this model, made after engm_fast.attach(model) (or ENGM(model))?")
         if session.deferred:
             self._run_fallbacks(session)
-        missing = [p for p in self._reached & wanted_set if p not in session.parts]
+        missing = [p for p in reached & wanted_set if p not in session.parts]
         if missing:
             names = sorted(self._param_names.get(p, "?") for p in missing)
-            reasons = sorted({self._untracked[p] for p in missing if p in self._untracked})
+            untracked = {self._aliases.get(p, p): r for p, r in self._untracked.items()}
+            reasons = sorted({untracked[p] for p in missing if p in untracked})
             why = ("; ".join(reasons) + ". " if reasons else
                    "the parameter is used outside its module's forward, e.g. read directly by a parent module, or the "
                    "engine was attached after the forward. ")
@@ -823,6 +928,21 @@ class PerExampleEngine(SharedOps):
         contributions = {p: combine(cs) for p, cs in session.parts.items()}
         names = {p: self._param_names[p] for p in contributions}
         return PerExampleGradients(contributions, names, B, accumulation_dtype(losses.dtype), losses.device)
+
+    def backward_unrecorded(self, losses: torch.Tensor, retain_graph: bool = False) -> None:
+        """The autograd pass of :meth:`backward` with nothing recorded, for a batch of any size (0
+        included). Under FSDP2 a rank with no examples runs it: the pass runs the same parameter
+        all-gathers as the other ranks' :meth:`backward`, which wait for it.
+
+        Example:
+            >>> import torch, engm_fast
+            >>> model = torch.nn.Linear(3, 2)
+            >>> engine = engm_fast.attach(model)
+            >>> engine.backward_unrecorded(model(torch.zeros(0, 3)).sum(1))   # an empty batch
+            >>> model.weight.grad is None
+            True
+        """
+        torch.autograd.grad(losses.sum(), [self._anchor], allow_unused=True, retain_graph=retain_graph)
 
     def _run_fallbacks(self, session: _Session) -> None:
         self._suspended = True  # the fallback re-runs forwards: they must not be recorded

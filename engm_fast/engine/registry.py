@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 
 from .contributions import Contribution, Dense
+from .fsdp2 import original_class
 
 __all__ = ["Rule", "FunctionalRule", "register_rule", "unregister_rule", "register_functional", "rule_for",
            "functional_rule_for", "registered_rules", "as_contribution"]
@@ -226,7 +227,7 @@ def rule_for(module: nn.Module) -> Rule | None:
         >>> rule_for(nn.Linear(2, 3)).name, rule_for(nn.PReLU()) is None
         ('Linear', True)
     """
-    cls = type(module)
+    cls = original_class(type(module))  # the class fully_shard swapped out (FSDPLinear -> Linear)
     rule = _BY_TYPE.get(cls)
     if rule is None and _BY_NAME:
         rule = _BY_NAME.get(_qualified(cls))

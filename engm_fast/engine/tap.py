@@ -5,8 +5,8 @@ The engine puts one tap on the output of every recorded call. In forward it is t
 ``b = dL/d(output)``:
 
 * during the engine's backward (``engine._session`` is set) it hands ``b`` and the call's
-  saved tensors to its :class:`Record`, which turns them into per-example contributions, and
-  returns ``b`` unchanged;
+  saved tensors to its :class:`Record` (through ``engine._complete``), which turns them into
+  per-example contributions, and returns ``b`` unchanged;
 * during any other backward (a PGD attack's ``autograd.grad`` w.r.t. the input, a user's
   ``loss.backward()``) it only returns ``b``: nothing is kept.
 
@@ -70,8 +70,9 @@ class _Tap(torch.autograd.Function):
     def backward(ctx, *grads):
         record = ctx.record
         saved = ctx.saved_tensors
-        if record.engine._session is not None and not record.engine._nested:
-            record.complete(grads, saved)
+        engine = record.engine
+        if engine._session is not None and not engine._nested:
+            engine._complete(record, grads, saved)
         return (None, None) + grads + (None,) * len(saved)
 
 

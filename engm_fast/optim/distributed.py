@@ -138,16 +138,62 @@ def _reduce_step_sums(part: StepSums | None, error: BaseException | None, params
         the local ``error`` on the rank that had it; ``RuntimeError`` naming the failing ranks on
         the others; ``FloatingPointError`` on every rank when no example is left on any rank.
     """
-    world = dist.get_world_size(group)
-    row = torch.zeros(len(_HEAD) + len(params), dtype=torch.float64, device=device)
-    if error is not None or part is None:
-        row[0] = 1.0
-    else:
+    touched_here = None if part is None else [p in part.sums for p in params]
+    out, touched = _exchange_statistics(part, error, touched_here, len(params), group, device)
+    if out.overflow:
+        return out
+    chosen = [p for p, t in zip(params, touched) if t]
+    out.sums = _all_reduce_mean(chosen, part.sums, out.n, group)
+    if out.plain is not None:
+        out.plain = _all_reduce_mean(chosen, part.plain or {}, out.n, group)
+    return out
+
+
+def _exchange_statistics(part: StepSums | None, error: BaseException | None, touched: list[bool] | None,
+                         n_params: int, group, device: torch.device) -> tuple[StepSums, list[bool]]:
+    """The global statistics of the ranks' :class:`StepSums` (counts, norm statistics, the proxy's
+    calibration pairs: everything but the gradients), from one ``all_gather`` of a small row.
+
+    ``touched[k]``: whether this rank has a gradient for the k-th of ``n_params`` parameters
+    (the same list on every rank). Returns the statistics (``sums`` empty; ``plain`` is ``{}``
+    where some rank tracks the variance, else None) and, per parameter, whether any rank
+    touched it.
+
+    Raises as :func:`_reduce_step_sums`.
+    """
+    row = torch.zeros(len(_HEAD) + n_params, dtype=torch.float64, device=device)
+    if error is None and part is not None:
         row[1:len(_HEAD)] = torch.tensor([
             float(part.overflow), part.n, part.n_dropped, part.sum_norm, part.sum_phi, part.sum_sq,
             part.max_norm, part.min_norm, sum(int(x.numel()) for x, _ in part.pairs), float(part.plain is not None),
         ], dtype=torch.float64)
-        row[len(_HEAD):] = torch.tensor([float(p in part.sums) for p in params], dtype=torch.float64)
+        row[len(_HEAD):] = torch.tensor([float(t) for t in touched], dtype=torch.float64)
+    table = _gather_status(row, error, group)
+    col = {name: table[:, i] for i, name in enumerate(_HEAD)}
+    out = StepSums(part.exact, part.scale, normalized=True)
+    out.n, out.n_dropped = int(col["n"].sum()), int(col["n_dropped"].sum())
+    out.sum_norm, out.sum_phi, out.sum_sq = float(col["sum_norm"].sum()), float(col["sum_phi"].sum()), float(col["sum_sq"].sum())
+    out.max_norm, out.min_norm = float(col["max_norm"].max()), float(col["min_norm"].min())
+    touched_any = (table[:, len(_HEAD):].amax(0) > 0).tolist() if n_params else []
+    if bool(col["overflow"].any()):
+        out.overflow = True  # every rank writes non-finite .grad: every rank's GradScaler skips the step
+        return out, touched_any
+    if out.n == 0:
+        raise FloatingPointError("every example on every rank was dropped as non-finite: no step can be taken")
+    out.plain = {} if bool(col["has_plain"].any()) else None
+    counts = [int(c) for c in col["n_pairs"].tolist()]
+    if max(counts) > 0:
+        out.pairs = [_gather_pairs(part.pairs, counts, group, device)]
+    return out, touched_any
+
+
+def _gather_status(row: torch.Tensor, error: BaseException | None, group) -> torch.Tensor:
+    """Every rank's ``row`` (float64, ``row[0]`` set here to this rank's error flag) as a
+    ``[world, len(row)]`` CPU table, from one ``all_gather``. If any rank failed, raises on
+    every rank: the local ``error`` where it happened, a ``RuntimeError`` naming the failing
+    ranks and their messages elsewhere."""
+    world = dist.get_world_size(group)
+    row[0] = 1.0 if error is not None else 0.0
     rows = [torch.empty_like(row) for _ in range(world)]
     dist.all_gather(rows, row, group=group)
     table = torch.stack(rows).cpu()
@@ -159,26 +205,7 @@ def _reduce_step_sums(part: StepSums | None, error: BaseException | None, params
             raise error
         shown = "; ".join(f"rank {r}: {messages[r]}" for r in failed)
         raise RuntimeError(f"ENGM.backward failed on rank(s) {failed} ({shown}); no gradient was written on any rank")
-    col = {name: table[:, i] for i, name in enumerate(_HEAD)}
-    out = StepSums(part.exact, part.scale, normalized=True)
-    out.n, out.n_dropped = int(col["n"].sum()), int(col["n_dropped"].sum())
-    out.sum_norm, out.sum_phi, out.sum_sq = float(col["sum_norm"].sum()), float(col["sum_phi"].sum()), float(col["sum_sq"].sum())
-    out.max_norm, out.min_norm = float(col["max_norm"].max()), float(col["min_norm"].min())
-    if bool(col["overflow"].any()):
-        out.overflow = True  # every rank writes non-finite .grad: every rank's GradScaler skips the step
-        return out
-    if out.n == 0:
-        raise FloatingPointError("every example on every rank was dropped as non-finite: no step can be taken")
-    touched = table[:, len(_HEAD):].amax(0) > 0
-    with_plain = bool(col["has_plain"].any())
-    chosen = [p for p, t in zip(params, touched.tolist()) if t]
-    out.sums = _all_reduce_mean(chosen, part.sums, out.n, group)
-    if with_plain:
-        out.plain = _all_reduce_mean(chosen, part.plain or {}, out.n, group)
-    counts = [int(c) for c in col["n_pairs"].tolist()]
-    if max(counts) > 0:
-        out.pairs = [_gather_pairs(part.pairs, counts, group, device)]
-    return out
+    return table
 
 
 def _all_reduce_mean(params: list, local: dict, n: int, group) -> dict:

@@ -27,6 +27,7 @@ from .. import ops
 from ..engine import attach
 from ..engine.engine import _check_losses
 from ..reference import accumulation_dtype
+from ..engine.fsdp2 import is_sharded
 from .distributed import StepSums, _reduce_step_sums, ddp_of
 from .proxy import ProxyCalibration
 from .weighting import check_weighting, example_weights
@@ -75,8 +76,9 @@ class ENGM(torch.optim.Optimizer):
     Args:
         model: the model whose forward produces the losses (the engine attaches to it here, so
             build the optimizer before the forward). A ``DistributedDataParallel`` model makes
-            every ``backward`` reduce over the ranks (see :meth:`backward`); a torch.compile'd
-            model works (not with ``fullgraph=True``).
+            every ``backward`` reduce over the ranks (see :meth:`backward`), and so does a model
+            sharded with FSDP2's ``fully_shard`` (build the optimizer after ``fully_shard``;
+            :mod:`engm_fast.optim.fsdp`); a torch.compile'd model works (not with ``fullgraph=True``).
         lr: learning rate, a number or a 1-element tensor (as ``torch.optim.SGD``).
         momentum, dampening, nesterov, weight_decay: as ``torch.optim.SGD``.
         weighting: the weight ``w_i = phi(||g_i||)`` of example ``i`` (:func:`example_weights`):
@@ -160,6 +162,11 @@ class ENGM(torch.optim.Optimizer):
         if norm_source == "input_proxy":
             self._input_hook = model.register_forward_pre_hook(self._keep_input)
             self.engine.tie_hook(self._input_hook)
+        self._fsdp = None  # ENGM on an FSDP2-sharded model: optim/fsdp.py
+        if is_sharded(model):
+            from .fsdp import ShardedENGM
+
+            self._fsdp = ShardedENGM(self)
 
     # -- helpers ---------------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
@@ -190,7 +197,10 @@ class ENGM(torch.optim.Optimizer):
                              "whole model on one device per process (use DistributedDataParallel for several GPUs)")
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """As ``torch.optim.Optimizer.zero_grad``; also drops sums accumulated under DDP's ``no_sync()``."""
+        """As ``torch.optim.Optimizer.zero_grad``; also drops sums accumulated under DDP's ``no_sync()``
+        (FSDP2's ``set_requires_gradient_sync(False)``)."""
+        if self._fsdp is not None and self._pending is not None:
+            self._fsdp.discard_pending()
         self._pending = None
         super().zero_grad(set_to_none=set_to_none)
 
@@ -224,7 +234,7 @@ class ENGM(torch.optim.Optimizer):
             raise ValueError(f"losses has shape {tuple(losses.shape)} but the model's last input has a batch of "
                              f"{gx.shape[0]} (input shape {tuple(gx.shape)}): losses must hold one entry per example "
                              "(reduction='none', not averaged)")
-        return gx.reshape(gx.shape[0], -1).float().norm(dim=1)
+        return gx.reshape(gx.shape[0], math.prod(gx.shape[1:])).float().norm(dim=1)  # 0 rows too (an FSDP rank)
 
     def _finite_mask(self, values: torch.Tensor, what: str) -> torch.Tensor:
         finite = torch.isfinite(values)
@@ -265,21 +275,21 @@ class ENGM(torch.optim.Optimizer):
         ``model.no_sync()`` only accumulates this rank's sums (no communication, ``.grad``
         untouched); the next backward made outside ``no_sync`` reduces them together with its
         own batch, as ONE batch of all those examples (see the README, "Distributed training").
+        On an FSDP2-sharded model the same holds for each rank's shard of ``.grad``, with
+        ``model.set_requires_gradient_sync(False)`` in place of ``no_sync()``; every rank must
+        call it (README, "Sharded training (FSDP2)").
 
         Returns:
             ``[B]`` per-example gradient norms the weights were computed from (exact, or the
             calibrated proxy estimate), float32 (float64 for a float64 model); this rank's
             examples under DDP.
         """
+        if self._fsdp is not None:  # every check there: an error on one rank raises on all
+            return self._fsdp.backward(losses, input_grad_norms, scaler)
         # The same checks and exception types as per_example_grad_norms; an empty batch is
         # allowed under DDP (a rank with no examples still takes part in the reduction).
         _check_losses(losses, allow_empty=self._ddp is not None)
-        if input_grad_norms is not None and not isinstance(input_grad_norms, torch.Tensor):
-            raise TypeError(f"input_grad_norms must be a tensor [B], got {type(input_grad_norms).__name__}")
-        if input_grad_norms is not None and self.norm_source != "input_proxy":
-            raise ValueError("input_grad_norms is only used with norm_source='input_proxy'")
-        if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
-            raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+        self._check_backward_args(input_grad_norms, scaler)
         exact = (self.norm_source == "exact" or not self.proxy.fitted
                  or self.backward_steps % self.calibrate_every == 0)
         ddp = self._ddp
@@ -313,6 +323,15 @@ class ENGM(torch.optim.Optimizer):
         self._pending = None
         self._apply(total)
         return part.local_norms
+
+    def _check_backward_args(self, input_grad_norms, scaler) -> None:
+        """The checks of :meth:`backward`'s optional arguments (every path makes them)."""
+        if input_grad_norms is not None and not isinstance(input_grad_norms, torch.Tensor):
+            raise TypeError(f"input_grad_norms must be a tensor [B], got {type(input_grad_norms).__name__}")
+        if input_grad_norms is not None and self.norm_source != "input_proxy":
+            raise ValueError("input_grad_norms is only used with norm_source='input_proxy'")
+        if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
+            raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
 
     def _fast_exact(self, losses: torch.Tensor):
         """One process, exact norms, no GradScaler: one engine backward and ONE host
@@ -535,15 +554,16 @@ class ENGM(torch.optim.Optimizer):
         return loss
 
     def _fused_step(self, params: list, hyper: dict) -> None:
+        update = ops.sgd_momentum_update_ if self._fsdp is None else self._fsdp.sharded_update
         if hyper["momentum"] == 0:
-            ops.sgd_momentum_update_(params, [p.grad for p in params], [], first_step=False, **hyper)
+            update(params, [p.grad for p in params], [], first_step=False, **hyper)
             return
         have, need = [], []
         for p in params:
             (have if self.state[p].get("momentum_buffer") is not None else need).append(p)
         if have:
-            ops.sgd_momentum_update_(have, [p.grad for p in have], [self.state[p]["momentum_buffer"] for p in have],
-                                     first_step=False, **hyper)
+            update(have, [p.grad for p in have], [self.state[p]["momentum_buffer"] for p in have],
+                   first_step=False, **hyper)
         if need:
             bufs = []
             for p in need:
@@ -551,7 +571,7 @@ class ENGM(torch.optim.Optimizer):
                 buf = torch.zeros_like(p, memory_format=torch.preserve_format)
                 self.state[p]["momentum_buffer"] = buf
                 bufs.append(buf)
-            ops.sgd_momentum_update_(need, [p.grad for p in need], bufs, first_step=True, **hyper)
+            update(need, [p.grad for p in need], bufs, first_step=True, **hyper)
 
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:
