@@ -18,7 +18,7 @@ _TINY = ["--train-subset", "96", "--test-subset", "48", "--eval-train-subset", "
 def test_train_command_writes_log_checkpoint_plots(tmp_path):
     out = str(tmp_path / "run")
     rc = main(["train", "--dataset", "digits", "--method", "trades", "--optimizer", "engm", "--te", "--epochs", "1",
-               "--out", out, "--no-apgd", *_TINY])
+               "--out", out, "--pgd-only", *_TINY])
     assert rc == 0
     for f in ("log.jsonl", "results.json", "checkpoint_last.pt", "checkpoint_best.pt", "robust_accuracy.png",
               "gradient_stats.png"):
@@ -37,7 +37,7 @@ def test_train_command_writes_log_checkpoint_plots(tmp_path):
     assert ck["epoch"] == 1 and ck["te"]["table"].shape == (96, 10) and float(ck["te"]["table"].sum()) > 0
     with open(os.path.join(out, "results.json")) as f:
         res = json.load(f)
-    assert res["final"]["pgd_steps"] == 2 and list(res["final_attacks"]) == ["pgd-2"]  # --no-apgd: APGD off
+    assert res["final"]["pgd_steps"] == 2 and list(res["final_attacks"]) == ["pgd-2"]  # --pgd-only: no foreign attack
 
 
 def test_msgd_monitor_path_equals_plain_msgd():
@@ -170,7 +170,7 @@ def test_training_run_pieces():
 def test_final_attacks_are_checked():
     assert TrainConfig(final_attacks=("pgd-5",)).resolved().final_attacks == ("pgd-5",)
     default = TrainConfig(eval_steps=7).resolved().final_attacks
-    assert default[0] == "pgd-7" and default[1:] == (("apgd-ce",) if apgd_available() else ())
+    assert default[0] == "pgd-7" and default[1:] == (("autoattack",) if apgd_available() else ())
     with pytest.raises(ValueError, match="unknown attack spec 'fgsm'"):
         TrainConfig(final_attacks=("fgsm",)).resolved()
     with pytest.raises(ValueError, match="STEPS >= 1"):
