@@ -282,9 +282,15 @@ def adversarial_examples(model: nn.Module, x: torch.Tensor, y: torch.Tensor, met
 
 def outer_losses(model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor, method: str = "pgd",
                  beta: float = 6.0, te_target: torch.Tensor | None = None,
-                 te_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                 te_weight: float = 0.0, loss_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The loss half of :func:`adversarial_losses`: ``(per-example losses [B], logits on x_adv)``,
     both with their graph (the training forward).
+
+    ``loss_dtype`` (e.g. ``torch.float64``): the logits are cast to it before the losses, so the
+    losses and their gradient with respect to the logits are computed in that precision (the
+    backward casts the gradient back to the model's dtype). In float32 an example the model
+    fits with loss below about 1e-7 has ``softmax - onehot`` dominated by rounding; in float64
+    it is exact to the last float32 digit (docs/experiments.md, E6).
 
     Example::
 
@@ -297,6 +303,9 @@ def outer_losses(model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torc
     if method not in AT_METHODS:
         raise ValueError(f"adversarial_losses: unknown method {method!r}; expected one of {AT_METHODS}")
     te_term = _te_term(te_target, te_weight)
+    if loss_dtype is not None:
+        inner = model
+        model = lambda inputs: inner(inputs).to(loss_dtype)  # noqa: E731
     if method == "pgd":
         logits_adv = model(x_adv)
         losses = pgd_at_losses(logits_adv, y)

@@ -78,6 +78,7 @@ __all__ = ["LR_SCHEDULES", "OPTIMIZERS", "TrainConfig", "TrainingRun", "add_trai
 
 OPTIMIZERS = ("msgd", "engm", "engm_proxy")
 LR_SCHEDULES = ("multistep", "onecycle")
+_LOSS_DTYPES = {"model": None, "float64": torch.float64}
 # One-cycle: the rate rises linearly from 0 to lr over the first 2/5 of the steps, then falls
 # linearly to 0 (the schedule of Wong et al., "Fast is better than free", 2020).
 ONECYCLE_PEAK = 0.4
@@ -143,6 +144,11 @@ class TrainConfig:
     chance for 500+ steps; with the ramp it leaves it within 2 epochs). The per-epoch and final
     evaluations always use the full ``eval_eps``.
 
+    ``engm_norm_floor`` is :class:`engm_fast.ENGM`'s ``norm_floor``; ``loss_precision="float64"``
+    computes the per-example losses from float64 logits (:func:`engm_fast.at.outer_losses`'s
+    ``loss_dtype``). Both are the remedies that docs/experiments.md E6 measures for ENGM's
+    collapses at high learning rates.
+
     ``lr_schedule``: ``"multistep"`` multiplies the rate by ``lr_gamma`` after the epochs
     ``lr_milestones`` (fractions of ``epochs``); ``"onecycle"`` raises it linearly from 0 to
     ``lr`` over the first 2/5 of the steps and lowers it linearly to 0 (per step,
@@ -188,6 +194,8 @@ class TrainConfig:
     te_es: int | None = None
     te_ee: int | None = None
     calibrate_every: int = 50
+    engm_norm_floor: float | None = None  # ENGM's norm_floor (engm_fast.ENGM); None: the paper's weights
+    loss_precision: str = "model"  # "float64": per-example losses (and d loss / d logits) in float64
     train_subset: int | None = None
     test_subset: int | None = None
     final_subset: int | None = None  # test images of the final evaluation (default: test_subset's)
@@ -210,6 +218,10 @@ class TrainConfig:
             raise ValueError(f"method must be one of {AT_METHODS}, got {self.method!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.loss_precision not in _LOSS_DTYPES:
+            raise ValueError(f"loss_precision must be one of {tuple(_LOSS_DTYPES)}, got {self.loss_precision!r}")
+        if self.engm_norm_floor is not None and self.optimizer == "msgd":
+            raise ValueError("engm_norm_floor is an ENGM option; optimizer='msgd' has no per-example weights")
         if self.lr_schedule not in (None, *LR_SCHEDULES):
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.norm not in PGD_NORMS:
@@ -316,7 +328,7 @@ def _build_optimizer(cfg: TrainConfig, model: nn.Module):
         return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     from ..optim import ENGM
 
-    return ENGM(model, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+    return ENGM(model, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, norm_floor=cfg.engm_norm_floor,
                 norm_source="input_proxy" if cfg.optimizer == "engm_proxy" else "exact",
                 calibrate_every=cfg.calibrate_every, track_variance=cfg.monitor)
 
@@ -508,7 +520,8 @@ class TrainingRun:
             generator=self.attack_gen)
         synchronize(device)
         t1 = time.perf_counter()
-        losses, logits_adv = outer_losses(model, x, x_adv, y, cfg.method, cfg.beta, target, ep.te_weight)
+        losses, logits_adv = outer_losses(model, x, x_adv, y, cfg.method, cfg.beta, target, ep.te_weight,
+                                          _LOSS_DTYPES[cfg.loss_precision])
         if not bool(torch.isfinite(losses.detach()).all()):
             return False
         synchronize(device)
@@ -831,6 +844,10 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                    help="test images of the final evaluation (default: --test-subset's; the per-epoch ones are its first)")
     p.add_argument("--eval-train-subset", type=int, default=512, help="training examples evaluated by PGD each epoch (0: none)")
     p.add_argument("--no-monitor", action="store_true", help="no gradient statistics (plain MSGD backward)")
+    p.add_argument("--engm-norm-floor", type=float, default=None, metavar="R",
+                   help="ENGM: raise each per-example norm to at least R x the batch's mean norm (see docs/experiments.md E6)")
+    p.add_argument("--loss-precision", choices=tuple(_LOSS_DTYPES), default="model",
+                   help="float64: per-example losses from float64 logits (exact gradients for fitted examples)")
     p.add_argument("--final-attacks", nargs="+", default=None, metavar="ATTACK",
                    help=f"attacks of the final evaluation, NAME or NAME-STEPS, NAME one of {' '.join(EVAL_ATTACKS)} "
                    "(default: pgd-EVAL_STEPS and autoattack where torchattacks is installed)")
@@ -862,7 +879,8 @@ def run_train(args: argparse.Namespace) -> int:
                       batch_size=args.batch_size,
                       weight_decay=args.weight_decay, beta=args.beta, eps=args.eps, alpha=args.alpha,
                       train_steps=args.train_steps, eval_steps=args.eval_steps, eval_eps=args.eval_eps,
-                      eps_warmup=args.eps_warmup,
+                      eps_warmup=args.eps_warmup, engm_norm_floor=args.engm_norm_floor,
+                      loss_precision=args.loss_precision,
                       eval_every=args.eval_every, norm=args.norm,
                       train_subset=args.train_subset, test_subset=args.test_subset, final_subset=args.final_subset,
                       eval_train_subset=args.eval_train_subset or None, monitor=not args.no_monitor,
