@@ -206,6 +206,23 @@ def results_path(name: str, dataset: str) -> str:
     return os.path.join(folder, name)
 
 
+def e2_best_lrs(dataset: str, method: str = "pgd", metric: str = "robust_acc_aa_apgd") -> dict:
+    """Each optimizer's best rate of E2's sweep on ``dataset`` (mean final ``metric`` over the
+    seeds), read from E2's results; exits naming the command when they are not there yet."""
+    path = results_path("e2_lr_sweep.json", dataset)
+    if not os.path.exists(path):
+        sys.exit(f"this experiment uses E2's best rates on {dataset} ({path}): run "
+                 f"python experiments/at/e2_lr_sweep.py --dataset {dataset} first")
+    with open(path) as f:
+        e2 = json.load(f)
+    grids = e2["grids"][method] if method in e2["grids"] else e2["grids"]
+
+    def score(opt, lr):
+        finals = [(e2["runs"][f"{method}/{opt}/{lr}/{s}"].get("final") or {}).get(metric, 0.0) for s in e2["seeds"]]
+        return statistics.fmean(finals)
+    return {opt: max(grid, key=lambda lr: score(opt, lr)) for opt, grid in grids.items()}
+
+
 def figure_path(name: str, dataset: str) -> str:
     return os.path.join(FIGURES, name if dataset == "digits" else f"{dataset}_{name}")
 

@@ -18,11 +18,13 @@ SETTINGS = {
     "mnist": dict(epochs=10, seeds=(0, 1, 2), metric="aa_apgd", full_aa=500,
                   grids={"msgd": (0.01, 0.03, 0.1, 0.3, 1.0), "engm": (0.1, 0.3, 1.0, 3.0, 10.0),
                          "engm_proxy": (0.1, 0.3, 1.0, 3.0, 10.0)}, run=_28),
-    # Fashion-MNIST: a fixed 4,000-image training subset (MNIST-5k's size), fewer rates and seeds
-    # (the budget of a shared 2-core CPU).
+    # Fashion-MNIST: a fixed 4,000-image training subset (MNIST-5k's size); fewer rates and seeds,
+    # and TRADES without ENGM-proxy (the budget of a shared 2-core CPU).
     "fashion-mnist": dict(epochs=10, seeds=(0, 1), metric="aa_apgd", full_aa=500,
-                          grids={"msgd": (0.03, 0.1, 0.3, 1.0), "engm": (0.3, 1.0, 3.0, 10.0),
-                                 "engm_proxy": (0.3, 1.0, 3.0, 10.0)}, run=dict(_28, train_subset=4000)),
+                          grids={"pgd": {"msgd": (0.03, 0.1, 0.3, 1.0), "engm": (0.3, 1.0, 3.0, 10.0),
+                                         "engm_proxy": (0.3, 1.0, 3.0, 10.0)},
+                                 "trades": {"msgd": (0.03, 0.1, 0.3, 1.0), "engm": (0.3, 1.0, 3.0, 10.0)}},
+                          run=dict(_28, train_subset=4000)),
 }
 METHODS = ("pgd", "trades")
 COLLAPSED = 0.2  # a final clean accuracy below this (10 classes): the run collapsed to a constant prediction
@@ -30,13 +32,14 @@ COLLAPSED = 0.2  # a final clean accuracy below this (10 classes): the run colla
 args = parse_args(__doc__)
 S = SETTINGS[args.dataset]
 epochs, seeds = (2, S["seeds"][:1]) if args.quick else (S["epochs"], S["seeds"])
+G = S["grids"] if "pgd" in S["grids"] else {m: S["grids"] for m in METHODS}  # per method: {optimizer: rates}
 if args.quick:
-    S["grids"] = {opt: grid[:2] for opt, grid in S["grids"].items()}
+    G = {m: {opt: grid[:2] for opt, grid in g.items()} for m, g in G.items()}
 runs = Runs("e2_lr_sweep", args)
 out = {}
 for seed in seeds:
     for method in METHODS:
-        for opt, grid in S["grids"].items():
+        for opt, grid in G[method].items():
             for lr in grid:
                 out[f"{method}/{opt}/{lr}/{seed}"] = runs.get(f"{method}/{opt}/{lr}/{seed}", method=method, optimizer=opt,
                                                               lr=lr, seed=seed, epochs=epochs, eval_every=epochs,
@@ -61,7 +64,7 @@ def collapsed(method, opt, lr):
 
 best = {}
 for method in METHODS:
-    for opt, grid in S["grids"].items():
+    for opt, grid in G[method].items():
         best[(method, opt)] = max(grid, key=lambda lr: mean_std(cell(method, opt, lr, metric))[0])
 full = {}
 if S["full_aa"] and not args.quick:
@@ -71,7 +74,7 @@ if S["full_aa"] and not args.quick:
             full[key] = runs.evaluate(f"full_aa/{key}", key, ("autoattack",), S["full_aa"])
     finish_or_exit(runs)
 
-save("e2_lr_sweep.json", {"dataset": args.dataset, "epochs": epochs, "seeds": seeds, "grids": S["grids"],
+save("e2_lr_sweep.json", {"dataset": args.dataset, "epochs": epochs, "seeds": seeds, "grids": G,
                           "settings": S["run"], "runs": out, "full_autoattack": full}, args.dataset)
 
 label = {"aa_apgd": "AA-APGD", "pgd": "PGD-20"}[S["metric"]]
@@ -80,7 +83,7 @@ print(f"| method | optimizer | lr | clean | PGD-20 | {label if label != 'PGD-20'
       f"{label} per seed | collapsed |")
 print("|---|---|---|---|---|---|---|---|")
 for method in METHODS:
-    for opt, grid in S["grids"].items():
+    for opt, grid in G[method].items():
         for lr in grid:
             per_seed = " / ".join(f"{v:.3f}" for v in cell(method, opt, lr, metric))
             mark = " **best**" if best[(method, opt)] == lr else ""
@@ -94,8 +97,8 @@ head = "| method | optimizer | best lr | clean | PGD-20 | " + (f"{label} | full 
 print(head)
 print("|" + "---|" * (head.count("|") - 1))
 for (method, opt), lr in best.items():
-    means = [mean_std(cell(method, opt, g, metric))[0] for g in S["grids"][opt]]
-    stable = ", ".join(f"{g:g}" for g in S["grids"][opt] if collapsed(method, opt, g) == 0) or "none"
+    means = [mean_std(cell(method, opt, g, metric))[0] for g in G[method][opt]]
+    stable = ", ".join(f"{g:g}" for g in G[method][opt] if collapsed(method, opt, g) == 0) or "none"
     row = (f"| {method} | {opt} | {lr:g} | {fmt(cell(method, opt, lr, 'clean_acc'))} | "
            f"{fmt(cell(method, opt, lr, 'robust_acc_pgd'))} | {fmt(cell(method, opt, lr, metric))} | ")
     if full:
@@ -107,7 +110,7 @@ p = plt()
 fig, axes = p.subplots(1, len(METHODS), figsize=(5 * len(METHODS), 3.8), sharey=True)
 colors = {"msgd": "tab:blue", "engm": "tab:red", "engm_proxy": "tab:orange"}
 for ax, method in zip(axes, METHODS):
-    for opt, grid in S["grids"].items():
+    for opt, grid in G[method].items():
         m = [mean_std(cell(method, opt, lr, metric)) for lr in grid]
         ax.errorbar(grid, [a for a, _ in m], yerr=[b for _, b in m], marker="o", capsize=3, color=colors[opt],
                     label=f"{opt.upper()} {label}")

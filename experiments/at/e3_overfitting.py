@@ -8,7 +8,7 @@ training images). TE with the paper's a = 0.9, W = 300 and es/ee = 90/150 of 200
 scaled. At the end the last and the best (by per-epoch PGD-20) models are evaluated by PGD-20
 and a foreign attack (28x28 sets: AutoAttack's APGD stages; digits: APGD-CE) on the final subset.
 """
-from common import PGD_AND_AA_APGD, Runs, figure_path, finish_or_exit, fmt, parse_args, plt, save
+from common import PGD_AND_AA_APGD, Runs, e2_best_lrs, figure_path, finish_or_exit, fmt, parse_args, plt, save
 
 _28 = dict(epochs=40, seeds=(0, 1), foreign="aa_apgd",
            run=dict(train_subset=1000, eval_train_subset=200, test_subset=200, final_subset=500, eval_every=2,
@@ -17,15 +17,17 @@ SETTINGS = {
     "digits": dict(epochs=80, seeds=(0, 1), foreign="apgd", lrs={},
                    run=dict(train_subset=300, eval_train_subset=300, monitor=False, eval_every=2,
                             final_attacks=("pgd-20", "apgd-ce"))),
-    # the best rates of E2's PGD-AT sweep on each set
-    "mnist": dict(_28, lrs={"msgd": 0.1, "engm": 1.0}),
-    "fashion-mnist": dict(_28, lrs={"msgd": 0.1, "engm": 1.0}),
+    # the best rates of E2's PGD-AT sweep on each set (read from E2's results)
+    "mnist": dict(_28, lrs="e2"),
+    "fashion-mnist": dict(_28, lrs="e2"),
 }
 VARIANTS = {"MSGD": dict(optimizer="msgd"), "ENGM": dict(optimizer="engm"),
             "MSGD+TE": dict(optimizer="msgd", te=True), "ENGM+TE": dict(optimizer="engm", te=True)}
 args = parse_args(__doc__)
 S = SETTINGS[args.dataset]
 epochs, seeds = (3, S["seeds"][:1]) if args.quick else (S["epochs"], S["seeds"])
+if S["lrs"] == "e2":
+    S["lrs"] = {} if args.quick else e2_best_lrs(args.dataset)
 runs = Runs("e3_overfitting", args)
 out = {}
 for seed in seeds:
@@ -47,7 +49,8 @@ for name in VARIANTS:
     ax.plot(ep, [r[key] for r in h], color=colors[name], label=f"{name} test PGD-20")
     ax.plot(ep, [r["train_robust_acc_pgd20"] for r in h], ":", color=colors[name], alpha=0.7)
 ax.set(xlabel="epoch", ylabel="robust accuracy (dotted: train)", ylim=(0, 1),
-       title=f"E3: PGD-AT on {S['run']['train_subset']} {args.dataset} images, seed {seeds[0]}")
+       title=f"E3: PGD-AT on {S['run']['train_subset']} {args.dataset} images, seed {seeds[0]}, "
+             f"lr MSGD {out[f'MSGD/{seeds[0]}']['config']['lr']:g} / ENGM {out[f'ENGM/{seeds[0]}']['config']['lr']:g}")
 ax.grid(alpha=0.3)
 ax.legend(fontsize=8)
 fig.tight_layout()

@@ -10,12 +10,8 @@ Command: python experiments/at/e5_proxy.py --dataset mnist   (also digits; mnist
     E2's results); digits: runs of its own at the demo rates. update_ms = backward + optimizer
     step; batch_ms also includes the attack and the forward.
 """
-import json
-import os
-import sys
-
-from common import PGD_AND_AA_APGD, PGD_ONLY, Runs, figure_path, finish_or_exit, fmt, mean_std, parse_args, plt, \
-    results_path, save
+from common import PGD_AND_AA_APGD, PGD_ONLY, Runs, e2_best_lrs, figure_path, finish_or_exit, fmt, mean_std, \
+    parse_args, plt, save
 
 SETTINGS = {
     "digits": dict(epochs=15, seeds=(0, 1, 2), from_e2=False, run=dict(eval_train_subset=None, final_attacks=PGD_ONLY)),
@@ -28,15 +24,7 @@ S = SETTINGS[args.dataset]
 epochs, seeds = (2, S["seeds"][:1]) if args.quick else (S["epochs"], S["seeds"])
 lrs = {opt: None for opt in OPTS}  # None: the data set's default rate
 if S["from_e2"] and not args.quick:
-    path = results_path("e2_lr_sweep.json", args.dataset)
-    if not os.path.exists(path):
-        sys.exit(f"E5 on {args.dataset} reads E2's results ({path}): run experiments/at/e2_lr_sweep.py first")
-    with open(path) as f:
-        e2 = json.load(f)
-    for opt in OPTS:  # the best rate by mean final AA-APGD, PGD-AT
-        grid = e2["grids"][opt]
-        lrs[opt] = max(grid, key=lambda lr: mean_std([e2["runs"][f"pgd/{opt}/{lr}/{s}"]["final"]["robust_acc_aa_apgd"]
-                                                      for s in e2["seeds"]])[0])
+    lrs = e2_best_lrs(args.dataset)
 runs = Runs("e5_proxy", args)
 corr = {method: runs.get(f"corr/{method}", method=method, optimizer="engm", lr=lrs["engm"], epochs=epochs, seed=0,
                          **S["run"]) for method in ("pgd", "trades")}
