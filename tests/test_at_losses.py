@@ -168,3 +168,26 @@ def test_bad_inputs_name_the_argument(trained):
         trades_attack(model, x, eps=0.1, alpha=0.01, steps=0)
     with pytest.raises(ValueError, match="kl_per_example"):
         kl_per_example(torch.zeros(2, 3), torch.zeros(2, 4))
+
+
+def test_float64_losses_resolve_the_gradient_of_fitted_examples():
+    """An example fitted to a loss of ~4e-9: in float32, p_y rounds to 1 and the true-class
+    component of softmax - onehot is lost; with loss_dtype=float64 the gradient w.r.t. the
+    (float32) logits matches the float64 reference."""
+    from engm_fast.at.losses import outer_losses
+
+    class Fixed(nn.Module):  # returns its input as logits, so the logits' gradient is the input's
+        def forward(self, x):
+            return x
+
+    logits = torch.tensor([[20.0, 0.0, 0.0]], requires_grad=True)
+    y = torch.tensor([0])
+    ref = torch.softmax(logits.detach().double(), 1) - F.one_hot(y, 3).double()
+    grads = {}
+    for dtype in (None, torch.float64):
+        losses, _ = outer_losses(Fixed(), logits, logits, y, "pgd", loss_dtype=dtype)
+        (g,) = torch.autograd.grad(losses.sum(), logits)
+        assert g.dtype == torch.float32
+        grads[dtype] = g.double()
+    rel = {k: float((g - ref).norm() / ref.norm()) for k, g in grads.items()}
+    assert rel[torch.float64] < 1e-6 < 0.1 < rel[None]
