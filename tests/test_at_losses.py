@@ -191,3 +191,24 @@ def test_float64_losses_resolve_the_gradient_of_fitted_examples():
         grads[dtype] = g.double()
     rel = {k: float((g - ref).norm() / ref.norm()) for k, g in grads.items()}
     assert rel[torch.float64] < 1e-6 < 0.1 < rel[None]
+
+
+@pytest.mark.parametrize("method", ["trades", "mart"])
+def test_kl_gradient_is_finite_where_the_clean_softmax_underflows(method):
+    """A clean logit gap of 200 underflows softmax to exact zeros in float32; the KL's gradient
+    with respect to the clean logits must stay finite (it was NaN with a probability target)."""
+    from engm_fast.at.losses import mart_losses, trades_losses
+
+    clean = torch.tensor([[100.0, -100.0, 0.0]], requires_grad=True)
+    adv = torch.tensor([[1.0, 0.0, 0.5]], requires_grad=True)
+    y = torch.tensor([0])
+    loss = (trades_losses if method == "trades" else mart_losses)(clean, adv, y, 6.0)
+    g_clean, g_adv = torch.autograd.grad(loss.sum(), (clean, adv))
+    assert bool(torch.isfinite(loss).all() & torch.isfinite(g_clean).all() & torch.isfinite(g_adv).all())
+    # the same value and gradient as float64 with the probability-target formula (no underflow there)
+    c64, a64 = clean.detach().double().requires_grad_(), adv.detach().double().requires_grad_()
+    ref = (trades_losses if method == "trades" else mart_losses)(c64, a64, y, 6.0)
+    r_clean, r_adv = torch.autograd.grad(ref.sum(), (c64, a64))
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g_clean.double(), r_clean, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(g_adv.double(), r_adv, rtol=1e-4, atol=1e-5)

@@ -82,7 +82,11 @@ def kl_per_example(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tens
     """``KL(softmax(logits_p) || softmax(logits_q)) = sum_c p_c (log p_c - log q_c)`` per example, ``[B]``.
 
     TRADES's ``nn.KLDivLoss(sum)(log_softmax(adv), softmax(clean))`` divided by B is the batch
-    mean of ``kl_per_example(clean, adv)``.
+    mean of ``kl_per_example(clean, adv)``. The target is given as log-probabilities
+    (``log_target=True``): with ``softmax(clean)`` as the target, a class whose probability
+    underflows to 0 (a logit gap above ~104 in float32) makes the gradient with respect to the
+    clean logits NaN (``d/dp [p log p] = log 0 + 1`` times a zero Jacobian entry); ENGM's
+    constant-length steps reach such gaps on MNIST (docs/experiments.md, E2). Same value.
 
     Example::
 
@@ -92,8 +96,8 @@ def kl_per_example(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tens
     if logits_p.shape != logits_q.shape or logits_p.dim() != 2:
         raise ValueError(f"kl_per_example: two [B, C] logits of the same shape expected, got "
                          f"{tuple(logits_p.shape)} and {tuple(logits_q.shape)}")
-    p = F.softmax(logits_p, dim=1)
-    return F.kl_div(F.log_softmax(logits_q, dim=1), p, reduction="none").sum(dim=1)
+    return F.kl_div(F.log_softmax(logits_q, dim=1), F.log_softmax(logits_p, dim=1), reduction="none",
+                    log_target=True).sum(dim=1)
 
 
 def pgd_at_losses(logits_adv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -141,7 +145,9 @@ def mart_losses(logits_clean: torch.Tensor, logits_adv: torch.Tensor, y: torch.T
     bce = cross_entropy_losses(logits_adv, y) - torch.log(_MART_ONE - wrong + _MART_EPS_LOG)
     nat_probs = F.softmax(logits_clean, dim=1)
     true_probs = nat_probs.gather(1, y.unsqueeze(1)).squeeze(1)
-    kl = F.kl_div(torch.log(adv_probs + _MART_EPS_LOG), nat_probs, reduction="none").sum(dim=1)
+    # the target as log-probabilities: finite gradients where nat_probs underflows (see kl_per_example)
+    kl = F.kl_div(torch.log(adv_probs + _MART_EPS_LOG), F.log_softmax(logits_clean, dim=1), reduction="none",
+                  log_target=True).sum(dim=1)
     return bce + beta * kl * (_MART_TRUE - true_probs)
 
 
