@@ -183,7 +183,8 @@ class Runs:
             x, y = fixed_subset(x_te, y_te, subset, 1)
             t = time.perf_counter()
             res = final_evaluation(model, x, y, attacks, cfg["eval_eps"], cfg["norm"])
-            _say(f"[{self.dataset} {key}] {time.perf_counter() - t:.1f}s {res}")
+            res["wall_time_s"] = time.perf_counter() - t
+            _say(f"[{self.dataset} {key}] {res['wall_time_s']:.1f}s {res}")
             return res
         if self.quick:
             return None
@@ -245,6 +246,15 @@ def fmt(xs, digits: int = 3) -> str:
     """``mean ± sd`` of the non-missing values, ``n/a`` when there are none."""
     m, s = mean_std(xs)
     return "n/a" if m != m else f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def cost(results, what: str = "runs") -> str:
+    """One line for a table's cost: the number of runs and the sum of their wall times (each
+    run: one torch thread, ``nice -n 19``, at most two at once on the shared 2-core machine)."""
+    rs = [r for r in results if r]
+    total = sum(r.get("wall_time_s", 0.0) for r in rs)
+    return (f"cost: {len(rs)} {what}, {total / 60:.0f} min of wall time summed over them (1 torch thread each, "
+            f"nice 19, at most 2 at once on the shared 2-core machine)")
 
 
 def plt():

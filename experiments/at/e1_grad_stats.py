@@ -5,7 +5,7 @@ Both runs: MSGD at the data set's default rate, 2 seeds. "Natural" is the same p
 zero training budget (eps = 0: x_adv = x); both are evaluated at the data set's eps. The monitor
 records the raw per-example gradients of the training loss every step.
 """
-from common import PGD_AND_AA_APGD, PGD_ONLY, Runs, figure_path, finish_or_exit, mean_std, parse_args, plt, save
+from common import cost, PGD_AND_AA_APGD, PGD_ONLY, Runs, figure_path, finish_or_exit, mean_std, parse_args, plt, save
 from engm_fast.data import dataset_spec
 
 SETTINGS = {
@@ -68,3 +68,5 @@ print(f"Input-proxy Pearson r (attack's last-step input-gradient norm vs exact |
 for mode in ("natural", "pgd_at"):
     h = out[f"{mode}/seed{seeds[0]}"]["history"]
     print(f"- {mode}: epochs {'/'.join(map(str, marks))}: " + " / ".join(f"{h[e - 1]['proxy_pearson_r']:.2f}" for e in marks))
+print()
+print(cost(out.values()))

@@ -7,7 +7,7 @@ AutoAttack's APGD stages (APGD-CE then APGD-T, torchattacks) and our PGD-20 on a
 subset; at each optimizer's best rate, the full AutoAttack (+ FAB-T, Square) on the same
 images. digits (the small-scale contrast): PGD-20 only, the settings of the first E2 table.
 """
-from common import (FULL_AA, PGD_AND_AA_APGD, PGD_ONLY, Runs, figure_path, finish_or_exit, fmt, mean_std,
+from common import (cost, FULL_AA, PGD_AND_AA_APGD, PGD_ONLY, Runs, figure_path, finish_or_exit, fmt, mean_std,
                     parse_args, plt, save)
 
 _28 = dict(eval_train_subset=None, monitor=False, test_subset=200, final_subset=500, final_attacks=PGD_AND_AA_APGD)
@@ -105,6 +105,9 @@ for (method, opt), lr in best.items():
         aa = [full[f"{method}/{opt}/{lr}/{s}"]["robust_acc_aa"] for s in seeds]
         row += f"{fmt(aa)} | {' / '.join(f'{v:.3f}' for v in aa)} | "
     print(row + f"{max(means) - min(means):.3f} | {stable} |")
+
+print()
+print(cost(out.values()) + (f"; full AutoAttack: {cost(full.values(), 'evaluations')[6:]}" if full else ""))
 
 p = plt()
 fig, axes = p.subplots(1, len(METHODS), figsize=(5 * len(METHODS), 3.8), sharey=True)

@@ -8,7 +8,7 @@ training images). TE with the paper's a = 0.9, W = 300 and es/ee = 90/150 of 200
 scaled. At the end the last and the best (by per-epoch PGD-20) models are evaluated by PGD-20
 and a foreign attack (28x28 sets: AutoAttack's APGD stages; digits: APGD-CE) on the final subset.
 """
-from common import PGD_AND_AA_APGD, Runs, e2_best_lrs, figure_path, finish_or_exit, fmt, parse_args, plt, save
+from common import cost, PGD_AND_AA_APGD, Runs, e2_best_lrs, figure_path, finish_or_exit, fmt, parse_args, plt, save
 
 _28 = dict(epochs=40, seeds=(0, 1), foreign="aa_apgd",
            run=dict(train_subset=1000, eval_train_subset=200, test_subset=200, final_subset=500, eval_every=2,
@@ -67,3 +67,5 @@ for name in VARIANTS:
           f"{fmt([r['best']['robust_acc_pgd'] - r['final']['robust_acc_pgd'] for r in rs])} | "
           f"{fmt([r['final'].get(foreign) for r in rs])} | {fmt([r['best'].get(foreign) for r in rs])} | "
           f"{fmt([r['history'][-1]['train_robust_acc_pgd20'] for r in rs])} | {fmt([r['final']['clean_acc'] for r in rs])} |")
+print()
+print(cost(out.values()))

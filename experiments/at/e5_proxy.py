@@ -10,7 +10,7 @@ Command: python experiments/at/e5_proxy.py --dataset mnist   (also digits; mnist
     E2's results); digits: runs of its own at the demo rates. update_ms = backward + optimizer
     step; batch_ms also includes the attack and the forward.
 """
-from common import PGD_AND_AA_APGD, PGD_ONLY, Runs, e2_best_lrs, figure_path, finish_or_exit, fmt, mean_std, \
+from common import cost, PGD_AND_AA_APGD, PGD_ONLY, Runs, e2_best_lrs, figure_path, finish_or_exit, fmt, mean_std, \
     parse_args, plt, save
 
 SETTINGS = {
@@ -78,3 +78,6 @@ for opt in OPTS:
           f"{fmt([r['final']['robust_acc_pgd'] for r in rs])} | "
           + (f"{fmt([r['final']['robust_acc_aa_apgd'] for r in rs])} | " if foreign else "")
           + f"{mean_std(u)[0]:.2f} | {mean_std(bt)[0]:.1f} | {fmt(ratio, 2)} |")
+print()
+print(cost(corr.values(), "correlation runs") + (" (the accuracy/time runs are E2's)" if S["from_e2"] and not args.quick
+                                                   else "; " + cost(timing.values(), "accuracy/time runs")))

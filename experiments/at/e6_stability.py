@@ -1,12 +1,12 @@
 """E6: ENGM's collapses at high learning rates: the float32-noise mechanism, and remedies.
 
 Command: python experiments/at/e6_stability.py --dataset mnist
-(a) Mechanism. Instrumented exact-ENGM runs (PGD-AT, the E2 setting) record every step: the
+(a) Mechanism. The runs of (b) (except the 3 seeds taken from E2) record every step: the
     fraction of the batch whose loss (float64 from the float32 logits) is below 1e-6 -- where
     float32 resolves ``p_y - 1``, the true-class component of ``softmax - onehot``, to a few
     ulps of 6e-8 -- and the share of ENGM's update those examples carry,
     ``sum_fitted ||g_i||/(||g_i|| + eps) / sum_all ...`` (each example's contribution has norm
-    ``||g_i||/(||g_i|| + eps)``). Every 30 steps, the batch's per-example gradients are
+    ``||g_i||/(||g_i|| + eps)``). Once per epoch, the batch's per-example gradients are
     recomputed in float64 (torch.func, a float64 copy of the model): the relative error of the
     float32 norms (the engine's) for fitted and ordinary examples, and the cosine between
     ENGM's float32 update and the float64 one.
@@ -24,17 +24,16 @@ import torch
 import torch.nn.functional as F
 
 import engm_fast.at.train as train_module
-from common import (PGD_AND_AA_APGD, Runs, _say, data, figure_path, finish_or_exit, fmt, mean_std, parse_args, plt,
+from common import (cost, PGD_AND_AA_APGD, Runs, _say, data, figure_path, finish_or_exit, fmt, mean_std, parse_args, plt,
                     save)
 from engm_fast.at.train import TrainConfig, TrainingRun
 
 _28 = dict(eval_train_subset=None, monitor=False, test_subset=200, final_subset=500, final_attacks=PGD_AND_AA_APGD)
 SETTINGS = {
-    "mnist": dict(epochs=10, seeds=(0, 1, 2, 3, 4, 5), lrs=(1.0, 3.0, 10.0), mechanism_lrs=(1.0, 10.0), run=_28),
+    "mnist": dict(epochs=10, seeds=(0, 1, 2, 3, 4, 5), e2_seeds=(0, 1, 2), lrs=(1.0, 3.0, 10.0), run=_28),
 }
 VARIANTS = {"ENGM": {}, "ENGM floor 0.01": dict(engm_norm_floor=0.01), "ENGM float64 loss": dict(loss_precision="float64")}
 FITTED = 1e-6  # loss below this: float32's p_y - 1 is a few ulps (6e-8) of 1
-CHECK_EVERY = 30
 COLLAPSED = 0.2
 
 args = parse_args(__doc__, datasets=tuple(SETTINGS))
@@ -72,9 +71,9 @@ def float64_check(model, cfg, x, y, engm_grad, eps):
 
 
 def instrumented(seed: int, lr: float, variant: dict) -> dict:
-    """One exact-ENGM PGD-AT run with per-step statistics (see (a))."""
+    """One exact-ENGM PGD-AT run (E2's setting) with per-step statistics (see (a))."""
     cfg = TrainConfig(dataset=args.dataset, method="pgd", optimizer="engm", lr=lr, seed=seed, epochs=epochs,
-                      eval_every=1, out=None, progress=False, plots=False, **dict(S["run"], **variant))
+                      eval_every=epochs, out=None, progress=False, plots=False, **dict(S["run"], **variant))
     if args.quick:
         cfg.train_subset, cfg.test_subset, cfg.final_subset = 256, 64, 64
     run = TrainingRun(cfg, data(args.dataset))
@@ -99,7 +98,7 @@ def instrumented(seed: int, lr: float, variant: dict) -> dict:
             fitted = loss64 < FITTED
             steps.append({"fitted": float(fitted.double().mean()), "share": float(share[fitted].sum() / share.sum()),
                           "norm_min": float(n.min()), "norm_median": float(n.median())})
-        if len(steps) % (3 if args.quick else CHECK_EVERY) == 0:
+        if len(steps) % (3 if args.quick else run.steps_per_epoch) == 0:
             grad = torch.cat([p.grad.reshape(-1) for p in run.model.parameters()]).double()
             n64, n32, cos = float64_check(run.model, run.cfg, batch["x_adv"], batch["y"], grad, run.opt.eps)
             rel_engine = ((n - n64).abs() / n64.clamp_min(1e-300))
@@ -122,32 +121,39 @@ def instrumented(seed: int, lr: float, variant: dict) -> dict:
     finally:
         train_module.outer_losses = spy_outer
     res.pop("environment", None)
-    return {"history": res["history"], "final": res.get("final"), "diverged": res["diverged"], "steps": steps,
-            "checks": checks, "steps_per_epoch": run.steps_per_epoch}
+    return {"config": res["config"], "history": res["history"], "final": res.get("final"), "diverged": res["diverged"],
+            "wall_time_s": res["wall_time_s"], "steps": steps, "checks": checks, "steps_per_epoch": run.steps_per_epoch}
 
 
-# (b) first: the curves reuse E2's runs (seeds 0-2 of plain ENGM) and add the rest.
+# Plain ENGM's seeds 0-2 are E2's runs (not instrumented); every other run is instrumented.
 e2 = Runs("e2_lr_sweep", args)
 runs = Runs("e6_stability", args)
 curve = {}
 for seed in seeds:
     for lr in S["lrs"]:
         for name, variant in VARIANTS.items():
-            kw = dict(method="pgd", optimizer="engm", lr=lr, seed=seed, epochs=epochs, eval_every=epochs, **S["run"])
-            where = e2 if not variant else runs
-            key = f"pgd/engm/{lr}/{seed}" if not variant else f"{name}/{lr}/{seed}"
-            curve[f"{name}/{lr}/{seed}"] = where.get(key, **kw, **variant)
-mechanism = {}
-for lr in S["mechanism_lrs"]:
-    for name, variant in VARIANTS.items():
-        for seed in seeds[:2]:
-            key = f"mechanism/{name}/{lr}/{seed}"
-            mechanism[key] = runs._cached(key, lambda: instrumented(seed, lr, variant)) if not args.quick else \
-                instrumented(seed, lr, variant)
+            if not variant and seed in S["e2_seeds"] and not args.quick:
+                curve[f"{name}/{lr}/{seed}"] = e2.get(f"pgd/engm/{lr}/{seed}", method="pgd", optimizer="engm", lr=lr,
+                                                      seed=seed, epochs=epochs, eval_every=epochs, **S["run"])
+            else:
+                curve[f"{name}/{lr}/{seed}"] = runs._cached(f"{name}/{lr}/{seed}",
+                                                            lambda: instrumented(seed, lr, variant))
 finish_or_exit(e2)
 finish_or_exit(runs)
+
+
+def compact(r):
+    """A run for the committed JSON: its per-step statistics as per-epoch means (the cache keeps every step)."""
+    if "steps" not in r:
+        return r
+    spe = r["steps_per_epoch"]
+    epochs_ = [r["steps"][e:e + spe] for e in range(0, len(r["steps"]), spe)]
+    return {**{k: v for k, v in r.items() if k != "steps"},
+            "epoch_means": [{k: mean_std([s[k] for s in ep])[0] for k in ep[0]} for ep in epochs_]}
+
+
 save("e6_stability.json", {"dataset": args.dataset, "epochs": epochs, "seeds": seeds, "lrs": S["lrs"],
-                           "variants": VARIANTS, "curve": curve, "mechanism": mechanism}, args.dataset)
+                           "variants": VARIANTS, "runs": {k: compact(r) for k, r in curve.items()}}, args.dataset)
 
 
 def final(r, name):
@@ -170,25 +176,34 @@ for name in VARIANTS:
               f"{' / '.join(format(final(r, 'robust_acc_aa_apgd'), '.3f') for r in rs)} | "
               f"{sum(map(is_collapsed, rs))}/{len(rs)} | {fmt(ok)} |")
 print()
-print("(a) Instrumented runs: per epoch, the mean over its steps of the fitted fraction (loss < 1e-6) and of their "
-      "share of ENGM's update; float64 checks (every 30 steps) pooled over the run:")
-print("| variant | lr | seed | fitted fraction, epochs 1/4/7/10 | fitted share of the update, epochs 1/4/7/10 | "
-      "median rel. error of float32 norms, fitted / other (engine) | update cosine float32 vs float64, min / median | "
-      "final clean / AA-APGD |")
+print("(a) Instrumented runs (all but plain ENGM's seeds 0-2): the fraction of the batch with loss < 1e-6 and its "
+      "share of ENGM's update (mean over the steps of epochs 1, 4, 7, 10 and over the seeds); per-epoch float64 checks "
+      "pooled over the runs:")
+print("| variant | lr | seeds | fitted fraction, epochs 1/4/7/10 | fitted share of the update, epochs 1/4/7/10 | "
+      "median rel. error of float32 norms: fitted / other examples | update cosine float32 vs float64: min / median | "
+      "collapsed |")
 print("|---|---|---|---|---|---|---|---|")
-for key, r in mechanism.items():
-    _, name, lr, seed = key.split("/")
-    spe = r["steps_per_epoch"]
-    per_epoch = lambda k: [mean_std([s[k] for s in r["steps"][e * spe:(e + 1) * spe]])[0] for e in range(len(r["steps"]) // spe)]
-    pick = lambda xs: " / ".join("n/a" if i >= len(xs) or xs[i] != xs[i] else f"{xs[i]:.3f}" for i in (0, 3, 6, 9))
-    c = r["checks"]
-    fit_err = mean_std([x["rel_err_engine_fitted"] for x in c])[0]
-    oth_err = mean_std([x["rel_err_engine_other"] for x in c])[0]
-    cos = [x["update_cosine_vs_float64"] for x in c]
-    print(f"| {name} | {lr} | {seed} | {pick(per_epoch('fitted'))} | {pick(per_epoch('share'))} | "
-          f"{fit_err:.2g} / {oth_err:.2g} | {min(cos, default=float('nan')):.3f} / "
-          f"{sorted(cos)[len(cos) // 2] if cos else float('nan'):.3f} | "
-          f"{final(r, 'clean_acc'):.3f} / {final(r, 'robust_acc_aa_apgd'):.3f} |")
+for name in VARIANTS:
+    for lr in S["lrs"]:
+        rs = [r for k, r in curve.items() if k.startswith(f"{name}/{lr}/") and "steps" in r]
+        if not rs:
+            continue
+        spe = rs[0]["steps_per_epoch"]
+
+        def per_epoch(k, e):
+            return mean_std([mean_std([s[k] for s in r["steps"][e * spe:(e + 1) * spe]])[0] for r in rs
+                             if len(r["steps"]) > e * spe])[0]
+        pick = lambda k: " / ".join("n/a" if v != v else f"{v:.3f}" for v in (per_epoch(k, e) for e in (0, 3, 6, 9)))
+        c = [x for r in rs for x in r["checks"]]
+        fit_err = sorted(x["rel_err_engine_fitted"] for x in c if x["rel_err_engine_fitted"] is not None)
+        oth_err = sorted(x["rel_err_engine_other"] for x in c if x["rel_err_engine_other"] is not None)
+        cos = sorted(x["update_cosine_vs_float64"] for x in c)
+        med = lambda xs, f: "n/a" if not xs else format(xs[len(xs) // 2], f)
+        print(f"| {name} | {lr:g} | {len(rs)} | {pick('fitted')} | {pick('share')} | {med(fit_err, '.2g')} / "
+              f"{med(oth_err, '.2g')} | {'n/a' if not cos else format(cos[0], '.3f')} / {med(cos, '.3f')} | "
+              f"{sum(map(is_collapsed, rs))}/{len(rs)} |")
+print()
+print(cost([r for r in curve.values() if "steps" in r], "new runs") + " (plain ENGM's seeds 0-2 are E2's)")
 
 p = plt()
 fig, axes = p.subplots(1, 2, figsize=(11, 3.8))
@@ -201,15 +216,15 @@ axes[0].set(xscale="log", xlabel="learning rate", ylabel=f"final AA-APGD accurac
             title="(b) lr sensitivity of ENGM variants, PGD-AT")
 axes[0].grid(alpha=0.3)
 axes[0].legend(fontsize=8)
-for key, r in mechanism.items():
-    _, name, lr, seed = key.split("/")
-    xs = [i / r["steps_per_epoch"] for i in range(len(r["steps"]))]
-    k = max(1, r["steps_per_epoch"] // 4)
-    smooth = [mean_std([s["share"] for s in r["steps"][i:i + k]])[0] for i in range(0, len(r["steps"]), k)]
-    axes[1].plot(xs[::k], smooth, color=colors[name], ls="-" if float(lr) == max(S["mechanism_lrs"]) else ":",
-                 label=f"{name}, lr {lr}, seed {seed}")
+top = max(S["lrs"])
+for name in VARIANTS:
+    for r in [r for k, r in curve.items() if k.startswith(f"{name}/{top}/") and "steps" in r][:2]:
+        k = max(1, r["steps_per_epoch"] // 4)
+        smooth = [mean_std([s["share"] for s in r["steps"][i:i + k]])[0] for i in range(0, len(r["steps"]), k)]
+        axes[1].plot([i / r["steps_per_epoch"] for i in range(0, len(r["steps"]), k)], smooth, color=colors[name],
+                     label=f"{name}, lr {top:g}, seed {r['config']['seed']}")
 axes[1].set(xlabel="epoch", ylabel="share of the update from fitted examples", ylim=(0, 1),
-            title="(a) update share of examples with loss < 1e-6")
+            title=f"(a) update share of examples with loss < 1e-6, lr {top:g}")
 axes[1].grid(alpha=0.3)
 axes[1].legend(fontsize=6)
 fig.tight_layout()
