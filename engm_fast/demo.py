@@ -13,7 +13,7 @@ the outer optimizer differs:
 
 Each runs at the learning rate that experiment E2's sweep found best for it (the data set's
 registry default, :func:`engm_fast.data.dataset_spec`). After every epoch both are evaluated
-by our PGD-10 on 500 fixed test images; after the last, on the same images, by PGD-20 and by
+by our PGD-10 on 200 fixed test images; after the last, on 500 (those 200 first), by PGD-20 and by
 AutoAttack's two APGD stages (APGD-CE, then APGD-T on what survives; ``torchattacks``), or the
 full AutoAttack with ``full_autoattack=True`` (adds FAB-T and Square: minutes more per model).
 
@@ -50,7 +50,9 @@ DEFAULT_LR_ENGM = default_lr(DEFAULT_DATASET, "engm")
 DEFAULT_EPOCHS = 10
 OPTIMIZERS = ("msgd", "engm")
 EVAL_STEPS, FINAL_STEPS = 10, 20  # PGD-10 after every epoch, PGD-20 after the last
-TEST_IMAGES = 500  # the per-epoch and the final evaluation's test images (a fixed subset)
+# Test images of the per-epoch PGD-10 and of the final evaluation: fixed subsets, the first 200 of
+# the final 500 (the settings of experiment E2's cells, so a demo run is E2's run of its seed).
+EPOCH_TEST_IMAGES, FINAL_TEST_IMAGES = 200, 500
 _DISPLAY = {"msgd": "MSGD", "engm": "ENGM"}
 
 
@@ -91,7 +93,8 @@ def demo_config(optimizer: str, lr: float | None = None, seed: int = 0, epochs: 
     return TrainConfig(dataset=dataset, method="pgd", optimizer=optimizer, lr=lr,
                        epochs=min(epochs, 2) if quick else epochs, batch_size=batch_size, eval_steps=EVAL_STEPS,
                        final_attacks=final_attacks(full_autoattack), eval_train_subset=None, monitor=False,
-                       train_subset=256 if quick else None, test_subset=128 if quick else TEST_IMAGES, seed=seed,
+                       train_subset=256 if quick else None, test_subset=128 if quick else EPOCH_TEST_IMAGES,
+                       final_subset=128 if quick else FINAL_TEST_IMAGES, seed=seed,
                        device=device, out=None, progress=progress)
 
 
@@ -175,10 +178,11 @@ def run_demo(epochs: int = DEFAULT_EPOCHS, batch_size: int | None = None, out_di
 
         say = tqdm.write
     c = cfgs[0].resolved()
-    n_train, n_test = (min(len(x), k or len(x)) for x, k in ((data.x_train, c.train_subset), (data.x_test, c.test_subset)))
+    n_train, n_test, n_final = (min(len(x), k or len(x)) for x, k in (
+        (data.x_train, c.train_subset), (data.x_test, c.test_subset), (data.x_test, c.final_subset)))
     foreign = [parse_attack_spec(a)[0] for a in c.final_attacks[1:]]
     say(f"engm_fast demo: PGD adversarial training on {dataset} ({tuple(data.x_train.shape[1:])}), {c.epochs} epochs, "
-        f"train {n_train} / test {n_test} images, Linf eps={c.eps:g} (ramped up over {c.eps_warmup:g} epochs), "
+        f"train {n_train} / test {n_test} (final {n_final}) images, Linf eps={c.eps:g} (ramped up over {c.eps_warmup:g} epochs), "
         f"PGD-{c.train_steps} (alpha={c.alpha:.4f}), {c.lr_schedule} lr, torch threads={torch.get_num_threads()}")
     if not foreign:
         say(f"torchattacks is not installed: final evaluation by PGD-{FINAL_STEPS} only "
@@ -219,7 +223,7 @@ def run_demo(epochs: int = DEFAULT_EPOCHS, batch_size: int | None = None, out_di
     for n, s in summary.items():
         if s["diverged_at_epoch"] is not None:
             print(f"{_DISPLAY[n]} stopped at epoch {s['diverged_at_epoch']}: non-finite loss (learning rate too high?)")
-    print(f"\nrobust accuracies on the same {n_test} test images; {', '.join(name for _, name in foreign_cols) or 'no'} "
+    print(f"\nfinal accuracies on the same {n_final} test images (per-epoch PGD-{EVAL_STEPS}: the first {n_test}); {', '.join(name for _, name in foreign_cols) or 'no'} "
           f"foreign attack (torchattacks){': its APGD-CE and APGD-T stages, --full-autoattack adds FAB-T and Square' if foreign_cols and not full_autoattack else ''}.")
     print(f"step time = forward + backward + optimizer step on the adversarial batch (attack excluded), "
           f"mean over the {max(summary['msgd']['n_steps'] - WARMUP_STEPS, 0)} steps after {WARMUP_STEPS} warm-up steps.")

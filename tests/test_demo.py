@@ -33,7 +33,7 @@ def test_quick_demo_writes_json_and_png(quick_run):
     assert set(results["optimizers"]) == {"msgd", "engm"}
     epochs = results["config"]["epochs"]
     assert epochs == 2 and results["quick"] is True
-    assert results["config"]["dataset"] == "mnist" and results["config"]["final_subset"] is None
+    assert results["config"]["dataset"] == "mnist" and results["config"]["final_subset"] == 128
     for name, r in results["optimizers"].items():
         for key in ("final_clean_acc", "final_robust_acc_pgd20", "best_robust_acc_pgd10"):
             assert 0.0 <= r[key] <= 1.0, (name, key, r[key])
