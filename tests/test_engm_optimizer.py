@@ -28,7 +28,9 @@ def make_batches(n, B=6):
             for _ in range(n)]
 
 
-def reference_weights(norms, weighting, eps=1e-6, clip_norm=None, power=None):
+def reference_weights(norms, weighting, eps=1e-6, clip_norm=None, power=None, norm_floor=None):
+    if norm_floor is not None:
+        norms = torch.maximum(norms, norm_floor * norms.mean())
     if weighting == "normalize":
         return 1.0 / (norms + eps)
     if weighting == "clip":
@@ -81,7 +83,8 @@ HPARAMS = [
     dict(lr=0.1, momentum=0.5, dampening=0.3, weight_decay=5e-3),
 ]
 WEIGHTINGS = [dict(weighting="normalize"), dict(weighting="clip", clip_norm=0.5),
-              dict(weighting="power", power=0.0), dict(weighting="power", power=0.7)]
+              dict(weighting="power", power=0.0), dict(weighting="power", power=0.7),
+              dict(weighting="normalize", norm_floor=0.8), dict(weighting="power", power=0.7, norm_floor=0.8)]
 
 
 @pytest.mark.parametrize("hp", HPARAMS)
@@ -95,6 +98,35 @@ def test_engm_matches_reference_over_steps(hp, wkw):
     want = reference_run(model, batches, hp, wkw["weighting"], **ref_kw)
     for (n, p), q in zip(got.named_parameters(), want.parameters()):
         torch.testing.assert_close(p, q, **TOL, msg=lambda m: f"{n}: {m}")
+
+
+def test_norm_floor_binds_only_below_the_floor():
+    """norm_floor: examples below r x the batch's mean norm get weight 1/(r mean + eps), the others
+    exactly the paper's 1/(||g_i|| + eps); a dropped (non-finite) example does not enter the mean."""
+    torch.manual_seed(3)
+    model = make_model()
+    x, y = make_batches(1)[0]
+    norms_ref = flat_norms(vmap_per_example_grads(model, _ce, x, y))
+    floor = 0.8 * norms_ref.mean()
+    assert bool((norms_ref < floor).any()) and bool((norms_ref > floor).any())  # the test binds both ways
+    opt = engm_fast.ENGM(model, lr=0.1, norm_floor=0.8)
+    opt.zero_grad()
+    opt.backward(F.cross_entropy(model(x), y, reduction="none"))
+    d = opt.diagnostics
+    want = torch.where(norms_ref < floor, 1 / (floor + 1e-6), 1 / (norms_ref + 1e-6))
+    assert d["weight_mean"] == pytest.approx(float(want.mean()), rel=1e-9)
+    # drop: a NaN loss is left out; the floor is taken over the others
+    xb = x.clone()
+    xb[0] = float("nan")
+    opt = engm_fast.ENGM(model, lr=0.1, norm_floor=0.8, nonfinite="drop")
+    opt.zero_grad()
+    opt.backward(F.cross_entropy(model(xb), y, reduction="none"))
+    assert opt.last_dropped == [0]
+    assert all(bool(torch.isfinite(p.grad).all()) for p in model.parameters())
+    for bad, match in ((dict(norm_floor=0.0), "norm_floor"), (dict(norm_floor=1.5), "norm_floor"),
+                       (dict(weighting="clip", clip_norm=1.0, norm_floor=0.1), "clip already bounds")):
+        with pytest.raises(ValueError, match=match):
+            engm_fast.ENGM(make_model(), lr=0.1, **bad)
 
 
 def test_power_zero_is_msgd():

@@ -18,7 +18,7 @@ _TINY = ["--train-subset", "96", "--test-subset", "48", "--eval-train-subset", "
 def test_train_command_writes_log_checkpoint_plots(tmp_path):
     out = str(tmp_path / "run")
     rc = main(["train", "--dataset", "digits", "--method", "trades", "--optimizer", "engm", "--te", "--epochs", "1",
-               "--out", out, "--no-apgd", *_TINY])
+               "--out", out, "--pgd-only", *_TINY])
     assert rc == 0
     for f in ("log.jsonl", "results.json", "checkpoint_last.pt", "checkpoint_best.pt", "robust_accuracy.png",
               "gradient_stats.png"):
@@ -37,7 +37,7 @@ def test_train_command_writes_log_checkpoint_plots(tmp_path):
     assert ck["epoch"] == 1 and ck["te"]["table"].shape == (96, 10) and float(ck["te"]["table"].sum()) > 0
     with open(os.path.join(out, "results.json")) as f:
         res = json.load(f)
-    assert res["final"]["pgd_steps"] == 2 and list(res["final_attacks"]) == ["pgd-2"]  # --no-apgd: APGD off
+    assert res["final"]["pgd_steps"] == 2 and list(res["final_attacks"]) == ["pgd-2"]  # --pgd-only: no foreign attack
 
 
 def test_msgd_monitor_path_equals_plain_msgd():
@@ -170,7 +170,7 @@ def test_training_run_pieces():
 def test_final_attacks_are_checked():
     assert TrainConfig(final_attacks=("pgd-5",)).resolved().final_attacks == ("pgd-5",)
     default = TrainConfig(eval_steps=7).resolved().final_attacks
-    assert default[0] == "pgd-7" and default[1:] == (("apgd-ce",) if apgd_available() else ())
+    assert default[0] == "pgd-7" and default[1:] == (("autoattack",) if apgd_available() else ())
     with pytest.raises(ValueError, match="unknown attack spec 'fgsm'"):
         TrainConfig(final_attacks=("fgsm",)).resolved()
     with pytest.raises(ValueError, match="STEPS >= 1"):
@@ -208,6 +208,66 @@ def test_dataset_registry_defaults_reach_the_config():
         spec.model, spec.batch_size, spec.eps, spec.attack_steps, spec.attack_alpha, spec.lr["engm_proxy"], False)
     assert TrainConfig(dataset="cifar10", data_dir="x").resolved().augment is True
     with pytest.raises(ValueError, match="dataset must be one of"):
-        TrainConfig(dataset="mnist").resolved()
+        TrainConfig(dataset="svhn").resolved()
+    m = TrainConfig(dataset="mnist", optimizer="engm").resolved()
+    assert (m.model, m.eps, m.lr_schedule, m.eps_warmup, m.lr) == ("mnist_cnn", 0.2, "onecycle", 2.0,
+                                                                   dataset_spec("mnist").lr["engm"])
     with pytest.raises(ValueError, match="optimizer must be one of"):
         TrainConfig(optimizer="engm-proxy").resolved()  # one spelling: engm_proxy
+
+
+def test_onecycle_schedule_and_eps_warmup():
+    """One-cycle: the rate follows onecycle_factor step by step; the training eps ramps up over
+    eps_warmup epochs (per step) and the evaluation uses the full eps throughout."""
+    from engm_fast.at.train import onecycle_factor
+
+    kw = dict(_SMALL, epochs=3, train_subset=64, test_subset=8, eval_train_subset=None, batch_size=16)
+    run = TrainingRun(TrainConfig(lr=0.4, lr_schedule="onecycle", eps=0.1, train_steps=1, eps_warmup=1.5, **{
+        k: v for k, v in kw.items() if k not in ("train_steps",)}))
+    assert run.steps_per_epoch == 4 and run.milestones == []
+    seen_lr = []
+    step = run.step
+
+    def spy(idx, ep):
+        seen_lr.append(run.opt.param_groups[0]["lr"])
+        return step(idx, ep)
+    run.step = spy
+    records = [run.run_epoch() for _ in range(3)]
+    assert seen_lr == pytest.approx([0.4 * onecycle_factor(k, 12) for k in range(12)])
+    assert max(seen_lr) == seen_lr[4] and run.opt.param_groups[0]["lr"] == 0.0  # peak near 2/5, 0 at the end
+    # eps ramps over 1.5 epochs = 6 steps: the last step of epoch 1 uses 4/6 of eps, later ones all of it
+    assert [r["train_eps"] for r in records] == pytest.approx([0.1 * 4 / 6, 0.1, 0.1])
+    assert [run.eps_ramp(k) for k in (0, 5, 6)] == pytest.approx([1 / 6, 1.0, 1.0])
+    assert run.cfg.eval_eps == 0.1
+    with pytest.raises(ValueError, match="lr_schedule"):
+        TrainConfig(lr_schedule="cosine").resolved()
+    with pytest.raises(ValueError, match="eps_warmup"):
+        TrainConfig(eps_warmup=-1).resolved()
+
+
+def test_final_subset_is_a_superset_of_the_per_epoch_images():
+    run = TrainingRun(TrainConfig(**dict(_SMALL, test_subset=16, final_subset=40)))
+    assert run.x_test.shape[0] == 16 and run.x_final.shape[0] == 40
+    assert torch.equal(run.x_final[:16], run.x_test)  # one permutation: the per-epoch images come first
+    run.run_epoch()
+    run.run_epoch()
+    res = run.finish()
+    assert res["config"]["final_subset"] == 40
+    # the final evaluation ran on the 40 images: accuracies are multiples of 1/40
+    assert round(res["final"]["clean_acc"] * 40, 9) == round(res["final"]["clean_acc"] * 40)
+
+
+def test_engm_remedy_options_reach_the_optimizer():
+    run = TrainingRun(TrainConfig(**dict(_SMALL, optimizer="engm", engm_norm_floor=0.01, loss_precision="float64")))
+    assert run.opt.norm_floor == 0.01
+    rec = run.run_epoch()
+    assert rec["train_loss"] > 0
+    with pytest.raises(ValueError, match="ENGM option"):
+        TrainConfig(optimizer="msgd", engm_norm_floor=0.01).resolved()
+    with pytest.raises(ValueError, match="loss_precision"):
+        TrainConfig(loss_precision="float16").resolved()
+    args = build_parser().parse_args(["train", "--dataset", "mnist", "--engm-norm-floor", "0.01", "--loss-precision",
+                                      "float64", "--lr-schedule", "onecycle", "--eps-warmup", "2", "--final-subset", "500",
+                                      "--pgd-only"])
+    assert (args.dataset, args.engm_norm_floor, args.loss_precision, args.lr_schedule, args.eps_warmup,
+            args.final_subset, args.pgd_only) == ("mnist", 0.01, "float64", "onecycle", 2.0, 500, True)

@@ -6,10 +6,19 @@ random starts of its attacks from a generator seeded with :data:`EVAL_SEED`, so 
 
 The final evaluation is a list of attack specs, each ``NAME`` or ``NAME-STEPS`` of a
 registered :class:`EvalAttack` (:data:`EVAL_ATTACKS`): ``"pgd-20"`` is our PGD with 20 steps
-of ``2.5 eps / 20``, ``"apgd-ce"`` is APGD-CE from ``torchattacks``. Each attack stores its
-robust accuracy in the results under its own key (``robust_acc_pgd``, ``robust_acc_apgd``) and
-its step count beside it (``pgd_steps``, ``apgd_steps``); :func:`register_eval_attack` adds
-another attack (a foreign one, typically).
+of ``2.5 eps / 20``, ``"apgd-ce"`` is APGD-CE from ``torchattacks``, ``"autoattack"`` is
+AutoAttack's standard version as ``torchattacks`` packages it (``torchattacks.AutoAttack``:
+APGD-CE, APGD-T, FAB-T with 10 steps each -- the original AutoAttack uses 100, which
+``"autoattack-100"`` gives -- then Square with 5,000 queries, each stage attacking only the
+examples every earlier stage failed on); ``"autoattack-apgd"`` is its first two stages alone
+(the same numbers as AutoAttack's accuracy after APGD-T, without FAB-T's and Square's cost). Each attack stores its robust accuracy in the results
+under its own key (``robust_acc_pgd``, ``robust_acc_apgd``, ``robust_acc_aa``) and its step
+count beside it (``pgd_steps``, ...); an attack made of stages also stores the robust accuracy
+after each stage (``aa_stages``). :func:`register_eval_attack` adds another attack (a foreign
+one, typically).
+
+The ``torchattacks`` attacks seed torch's global random generator; the evaluation restores it
+afterwards, so evaluating does not change what a training run draws next.
 
 Example::
 
@@ -17,13 +26,15 @@ Example::
     >>> m = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
     >>> x, y = torch.rand(6, 4), torch.randint(0, 3, (6,))
     >>> res = final_evaluation(m, x, y, ["pgd-3"], eps=0.0)     # no budget: robust == clean
-    >>> sorted(res), res["robust_acc_pgd"] == res["clean_acc"], res["pgd_steps"]
-    (['clean_acc', 'pgd_steps', 'robust_acc_pgd'], True, 3)
+    >>> res["robust_acc_pgd"] == res["clean_acc"], res["pgd_steps"]
+    (True, 3)
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -34,7 +45,8 @@ from ..engine import engine_of
 from .attacks import PGD_NORMS, pgd_attack
 
 __all__ = ["EVAL_ATTACKS", "EVAL_BATCH", "EVAL_SEED", "EvalAttack", "apgd_available", "attack_unavailable",
-           "describe_evaluation", "evaluate_robust", "final_evaluation", "parse_attack_spec", "register_eval_attack"]
+           "StagedAttack", "describe_evaluation", "evaluate_robust", "final_evaluation", "parse_attack_spec",
+           "register_eval_attack"]
 
 EVAL_SEED = 12345
 EVAL_BATCH = 500
@@ -52,7 +64,8 @@ class EvalAttack:
         label: how tables name it (``"PGD"`` -> ``"PGD-20"``).
         key: its results entry: ``robust_acc_<key>`` and ``<key>_steps``.
         default_steps: the steps of a spec without ``-STEPS``.
-        build: ``build(model, eps, norm, steps, generator) -> attack(x, y) -> x_adv``.
+        build: ``build(model, eps, norm, steps, generator) -> attack(x, y) -> x_adv`` (a
+            :class:`StagedAttack` records the robust accuracy after each of its stages).
         requires: the module it imports (``None``: engm_fast's own), and ``install``, the
             command that installs it.
     """
@@ -79,10 +92,95 @@ def _build_apgd_ce(model, eps, norm, steps, generator) -> AttackFn:
                              loss="ce", seed=seed)
 
 
+class StagedAttack:
+    """Attacks in sequence, each on the examples that every earlier one failed to misclassify
+    (AutoAttack's rule: an example counts as robust only if it survives all of them).
+
+    ``stages`` is a list of ``(label, attack)`` with ``attack(x, y) -> x_adv``, or a function
+    of the model's number of classes that returns one (called at the first batch, when the
+    class count is known from the model's output). ``robust_after[label]`` counts, over every
+    batch attacked so far, the examples still classified correctly after the stage ``label``
+    (cumulative: it includes the earlier stages).
+
+    Example::
+
+        >>> import torch.nn as nn
+        >>> m = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+        >>> x, y = torch.rand(6, 4), torch.randint(0, 3, (6,))
+        >>> identity = lambda xb, yb: xb                 # a stage that changes nothing
+        >>> staged = StagedAttack(m, [("none", identity), ("none again", identity)])
+        >>> bool(torch.equal(staged(x, y), x)), staged.robust_after["none"] == staged.robust_after["none again"]
+        (True, True)
+    """
+
+    def __init__(self, model: nn.Module,
+                 stages: Sequence[tuple[str, AttackFn]] | Callable[[int], Sequence[tuple[str, AttackFn]]]):
+        self.model = model
+        self._make = stages if callable(stages) else None
+        self.stages: list[tuple[str, AttackFn]] | None = None if callable(stages) else list(stages)
+        if self.stages is not None and not self.stages:
+            raise ValueError("StagedAttack needs at least one (label, attack) stage")
+        self.robust_after: dict[str, int] = {label: 0 for label, _ in self.stages or ()}
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.stages is None:
+            with torch.no_grad():
+                n_classes = int(self.model(x[:1]).shape[1])
+            self.stages = list(self._make(n_classes))
+            self.robust_after = {label: 0 for label, _ in self.stages}
+        out = x.clone()
+        # The first stage sees every example, misclassified ones included, as torchattacks'
+        # MultiAttack does: its random starts depend on the batch, so the results match it exactly.
+        alive = torch.arange(x.shape[0], device=x.device)
+        for label, attack in self.stages:
+            if alive.numel():
+                xa = attack(x[alive], y[alive])
+                with torch.no_grad():
+                    fooled = self.model(xa).argmax(1) != y[alive]
+                out[alive[fooled]] = xa[fooled].to(out.dtype)
+                alive = alive[~fooled]
+            self.robust_after[label] += int(alive.numel())
+        return out
+
+
+def _build_autoattack(model, eps, norm, steps, generator, first_stages: int = 4) -> AttackFn:
+    """AutoAttack's standard version from torchattacks' classes, composed as
+    ``torchattacks.AutoAttack(version="standard")`` composes it (APGD-CE, APGD-T and FAB-T
+    with ``steps`` steps, Square with 5,000 queries, one restart each, all seeded alike), as a
+    :class:`StagedAttack` so that the accuracy after each stage is recorded; only its first
+    ``first_stages`` stages when fewer than 4."""
+    import torchattacks
+
+    seed, tn = int(generator.initial_seed()), "Linf" if norm == "linf" else "L2"
+
+    def stages(n_classes: int) -> list[tuple[str, AttackFn]]:
+        if n_classes < 4:  # APGD-T's DLR loss reads the 4th-largest logit
+            raise ValueError(f"AutoAttack needs at least 4 classes (APGD-T's DLR loss), the model has {n_classes}; "
+                             "evaluate with apgd-ce instead")
+        # APGD-T and FAB-T target the top n_classes - 1 other classes: AutoAttack's 9 at most.
+        n = min(n_classes, 10)
+        return [("APGD-CE", torchattacks.APGD(model, norm=tn, eps=eps, steps=steps, n_restarts=1, loss="ce", seed=seed)),
+                ("APGD-T", torchattacks.APGDT(model, norm=tn, eps=eps, steps=steps, n_restarts=1, n_classes=n, seed=seed)),
+                ("FAB-T", torchattacks.FAB(model, norm=tn, eps=eps, steps=steps, n_restarts=1, multi_targeted=True,
+                                           n_classes=n, seed=seed)),
+                ("Square", torchattacks.Square(model, norm=tn, eps=eps, n_queries=5000, n_restarts=1, seed=seed))
+                ][:first_stages]
+
+    return StagedAttack(model, stages)
+
+
 EVAL_ATTACKS: dict[str, EvalAttack] = {
     "pgd": EvalAttack("pgd", "PGD", "pgd", 20, _build_pgd),
     "apgd-ce": EvalAttack("apgd-ce", "APGD-CE", "apgd", 50, _build_apgd_ce, requires="torchattacks",
-                          install="pip install torchattacks"),
+                          install="pip install --no-deps torchattacks==3.5.1"),
+    # 10 steps: torchattacks.AutoAttack's (it leaves its attacks' default steps).
+    "autoattack": EvalAttack("autoattack", "AutoAttack", "aa", 10, _build_autoattack, requires="torchattacks",
+                             install="pip install --no-deps torchattacks==3.5.1"),
+    # AutoAttack's two APGD stages alone: its robust accuracy after APGD-T, exactly, for a
+    # fraction of the time (Square's 5,000 queries cost minutes per model on a CPU).
+    "autoattack-apgd": EvalAttack("autoattack-apgd", "AA-APGD", "aa_apgd", 10,
+                                  functools.partial(_build_autoattack, first_stages=2), requires="torchattacks",
+                                  install="pip install --no-deps torchattacks==3.5.1"),
 }
 
 
@@ -177,6 +275,13 @@ def evaluate_robust(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: flo
         >>> robust == clean
         True
     """
+    result = _attack_accuracy(model, x, y, eps, steps, norm, attack, batch_size, seed)
+    return result["clean"], result["robust"]
+
+
+def _attack_accuracy(model, x, y, eps, steps, norm, attack, batch_size, seed) -> dict:
+    """``evaluate_robust``'s work: ``{"clean", "robust", "stages"}`` (``stages``: the robust
+    accuracy after each stage of a :class:`StagedAttack`, else ``None``)."""
     if attack not in EVAL_ATTACKS:
         raise ValueError(f"evaluate_robust: attack must be one of {tuple(EVAL_ATTACKS)}, got {attack!r}")
     if norm not in PGD_NORMS:
@@ -191,35 +296,54 @@ def evaluate_robust(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: flo
     gen = torch.Generator(device=x.device).manual_seed(seed)
     run = spec.build(model, eps, norm, steps, gen)
     clean = robust = 0
-    try:
-        for i in range(0, x.shape[0], batch_size):
-            xb, yb = x[i:i + batch_size], y[i:i + batch_size]
-            with torch.no_grad():
-                clean += int((model(xb).argmax(1) == yb).sum())
-            with _paused(model):
-                xa = run(xb, yb)
-            with torch.no_grad():
-                robust += int((model(xa).argmax(1) == yb).sum())
-    finally:
-        model.train(was)
+    # Foreign attacks seed torch's global generators; fork_rng puts them back afterwards.
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        try:
+            for i in range(0, x.shape[0], batch_size):
+                xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+                with torch.no_grad():
+                    clean += int((model(xb).argmax(1) == yb).sum())
+                with _paused(model):
+                    xa = run(xb, yb)
+                with torch.no_grad():
+                    robust += int((model(xa).argmax(1) == yb).sum())
+        finally:
+            model.train(was)
     n = max(1, x.shape[0])
-    return clean / n, robust / n
+    stages = {label: count / n for label, count in run.robust_after.items()} if isinstance(run, StagedAttack) else None
+    return {"clean": clean / n, "robust": robust / n, "stages": stages}
 
 
 def final_evaluation(model: nn.Module, x: torch.Tensor, y: torch.Tensor, specs: Sequence[str], eps: float,
-                     norm: str = "linf", batch_size: int = EVAL_BATCH, seed: int = EVAL_SEED) -> dict:
-    """Clean accuracy and, per attack spec, ``robust_acc_<key>`` and ``<key>_steps``.
+                     norm: str = "linf", batch_size: int = EVAL_BATCH, seed: int = EVAL_SEED,
+                     times: dict | None = None) -> dict:
+    """Clean accuracy and, per attack spec, ``robust_acc_<key>``, ``<key>_steps`` and, for an
+    attack of stages, ``<key>_stages`` (robust accuracy after each). ``times``, a dict, receives
+    each spec's wall time in seconds (kept out of the result, which is a function of the model).
 
     Every attack starts from the same seed. Raises ``RuntimeError`` naming the install command
     when an attack's package is missing.
+
+    Example::
+
+        >>> import torch.nn as nn
+        >>> m = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+        >>> res = final_evaluation(m, torch.rand(5, 4), torch.randint(0, 3, (5,)), ["pgd-2"], eps=0.1)
+        >>> sorted(res)
+        ['clean_acc', 'pgd_steps', 'robust_acc_pgd']
     """
     out: dict = {}
     for spec in specs:
         attack, steps = parse_attack_spec(spec)
-        clean, robust = evaluate_robust(model, x, y, eps, steps, norm, attack.name, batch_size, seed)
-        out.setdefault("clean_acc", clean)
-        out[f"robust_acc_{attack.key}"] = robust
+        t0 = time.perf_counter()
+        res = _attack_accuracy(model, x, y, eps, steps, norm, attack.name, batch_size, seed)
+        out.setdefault("clean_acc", res["clean"])
+        out[f"robust_acc_{attack.key}"] = res["robust"]
         out[f"{attack.key}_steps"] = steps
+        if times is not None:
+            times[spec] = time.perf_counter() - t0
+        if res["stages"] is not None:
+            out[f"{attack.key}_stages"] = res["stages"]
     return out
 
 

@@ -82,7 +82,11 @@ def kl_per_example(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tens
     """``KL(softmax(logits_p) || softmax(logits_q)) = sum_c p_c (log p_c - log q_c)`` per example, ``[B]``.
 
     TRADES's ``nn.KLDivLoss(sum)(log_softmax(adv), softmax(clean))`` divided by B is the batch
-    mean of ``kl_per_example(clean, adv)``.
+    mean of ``kl_per_example(clean, adv)``. The target is given as log-probabilities
+    (``log_target=True``): with ``softmax(clean)`` as the target, a class whose probability
+    underflows to 0 (a logit gap above ~104 in float32) makes the gradient with respect to the
+    clean logits NaN (``d/dp [p log p] = log 0 + 1`` times a zero Jacobian entry); ENGM's
+    constant-length steps reach such gaps on MNIST (docs/experiments.md, E2). Same value.
 
     Example::
 
@@ -92,8 +96,8 @@ def kl_per_example(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tens
     if logits_p.shape != logits_q.shape or logits_p.dim() != 2:
         raise ValueError(f"kl_per_example: two [B, C] logits of the same shape expected, got "
                          f"{tuple(logits_p.shape)} and {tuple(logits_q.shape)}")
-    p = F.softmax(logits_p, dim=1)
-    return F.kl_div(F.log_softmax(logits_q, dim=1), p, reduction="none").sum(dim=1)
+    return F.kl_div(F.log_softmax(logits_q, dim=1), F.log_softmax(logits_p, dim=1), reduction="none",
+                    log_target=True).sum(dim=1)
 
 
 def pgd_at_losses(logits_adv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -141,7 +145,9 @@ def mart_losses(logits_clean: torch.Tensor, logits_adv: torch.Tensor, y: torch.T
     bce = cross_entropy_losses(logits_adv, y) - torch.log(_MART_ONE - wrong + _MART_EPS_LOG)
     nat_probs = F.softmax(logits_clean, dim=1)
     true_probs = nat_probs.gather(1, y.unsqueeze(1)).squeeze(1)
-    kl = F.kl_div(torch.log(adv_probs + _MART_EPS_LOG), nat_probs, reduction="none").sum(dim=1)
+    # the target as log-probabilities: finite gradients where nat_probs underflows (see kl_per_example)
+    kl = F.kl_div(torch.log(adv_probs + _MART_EPS_LOG), F.log_softmax(logits_clean, dim=1), reduction="none",
+                  log_target=True).sum(dim=1)
     return bce + beta * kl * (_MART_TRUE - true_probs)
 
 
@@ -282,9 +288,15 @@ def adversarial_examples(model: nn.Module, x: torch.Tensor, y: torch.Tensor, met
 
 def outer_losses(model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor, method: str = "pgd",
                  beta: float = 6.0, te_target: torch.Tensor | None = None,
-                 te_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                 te_weight: float = 0.0, loss_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The loss half of :func:`adversarial_losses`: ``(per-example losses [B], logits on x_adv)``,
     both with their graph (the training forward).
+
+    ``loss_dtype`` (e.g. ``torch.float64``): the logits are cast to it before the losses, so the
+    losses and their gradient with respect to the logits are computed in that precision (the
+    backward casts the gradient back to the model's dtype). In float32 an example the model
+    fits with loss below about 1e-7 has ``softmax - onehot`` dominated by rounding; in float64
+    it is exact to the last float32 digit (docs/experiments.md, E6).
 
     Example::
 
@@ -297,6 +309,9 @@ def outer_losses(model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torc
     if method not in AT_METHODS:
         raise ValueError(f"adversarial_losses: unknown method {method!r}; expected one of {AT_METHODS}")
     te_term = _te_term(te_target, te_weight)
+    if loss_dtype is not None:
+        inner = model
+        model = lambda inputs: inner(inputs).to(loss_dtype)  # noqa: E731
     if method == "pgd":
         logits_adv = model(x_adv)
         losses = pgd_at_losses(logits_adv, y)

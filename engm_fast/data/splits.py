@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["Splits", "fixed_subset"]
+__all__ = ["Splits", "fixed_subset", "stratified_split"]
 
 
 class Splits(NamedTuple):
@@ -45,3 +45,32 @@ def fixed_subset(x: torch.Tensor, y: torch.Tensor, k: int | None,
         raise ValueError(f"subset size must be an integer >= 1 or None, got {k!r}")
     keep = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:k]
     return x[keep], y[keep]
+
+
+def stratified_split(y: torch.Tensor, test_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(train_index, test_index)``: ``test_size`` examples held out, each class in proportion
+    (rounded; the last class takes the remainder), drawn with ``seed``; both sorted.
+
+    Example::
+
+        >>> y = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+        >>> train, test = stratified_split(y, 4, seed=0)
+        >>> sorted(y[test].tolist()), len(train)
+        ([0, 0, 1, 1], 4)
+    """
+    n = y.shape[0]
+    if isinstance(test_size, bool) or not isinstance(test_size, int) or not 0 < test_size < n:
+        raise ValueError(f"stratified_split: test_size must be an integer in [1, {n - 1}], got {test_size!r}")
+    gen = torch.Generator().manual_seed(seed)
+    classes = torch.unique(y)
+    test, taken = [], 0
+    for k, c in enumerate(classes.tolist()):
+        members = (y == c).nonzero().flatten()
+        share = test_size - taken if k == len(classes) - 1 else round(test_size * members.numel() / n)
+        share = min(share, members.numel())
+        test.append(members[torch.randperm(members.numel(), generator=gen)[:share]])
+        taken += share
+    test_index = torch.cat(test).sort().values
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[test_index] = False
+    return keep.nonzero().flatten(), test_index

@@ -85,6 +85,12 @@ class ENGM(torch.optim.Optimizer):
             ``"normalize"`` (``1/(||g_i||+eps)``), ``"clip"`` (``min(1, clip_norm/||g_i||)``)
             or ``"power"`` (``(||g_i||+eps)^-power``; 0 is MSGD, 1 is normalize).
         eps: added to norms by ``"normalize"`` and ``"power"`` (an all-zero gradient gets ``1/eps``).
+        norm_floor: with ``"normalize"`` or ``"power"``, raise each norm to at least this fraction
+            of the batch's mean norm first (this rank's batch under DDP): examples the model
+            already fits, whose float32 gradients are mostly rounding noise, then get a share
+            ``||g_i|| / (norm_floor * mean)`` of the step instead of a full unit share; the others
+            keep exactly their weight (:mod:`engm_fast.optim.weighting`; docs/experiments.md E6
+            measures it). Default ``None``: the paper's weights.
         clip_norm: the clipping threshold of ``"clip"``.
         power: the exponent of ``"power"``.
         norm_source: ``"exact"`` (engine) or ``"input_proxy"`` (input-gradient norms, calibrated).
@@ -116,7 +122,7 @@ class ENGM(torch.optim.Optimizer):
     def __init__(self, model: nn.Module, lr: float | torch.Tensor, *, momentum: float = 0.0, dampening: float = 0.0,
                  nesterov: bool = False, weight_decay: float = 0.0, weighting: str = "normalize",
                  eps: float = 1e-6, clip_norm: float | None = None, power: float | None = None,
-                 norm_source: str = "exact", calibrate_every: int = 50,
+                 norm_floor: float | None = None, norm_source: str = "exact", calibrate_every: int = 50,
                  params: Iterable | None = None, nonfinite: str = "raise", track_variance: bool = False):
         if not isinstance(model, nn.Module):
             raise TypeError(f"ENGM needs the model (an nn.Module) first, got {type(model).__name__}; "
@@ -128,7 +134,7 @@ class ENGM(torch.optim.Optimizer):
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
-        check_weighting(weighting, eps, clip_norm, power)
+        check_weighting(weighting, eps, clip_norm, power, norm_floor)
         if norm_source not in _NORM_SOURCES:
             raise ValueError(f"norm_source must be one of {_NORM_SOURCES}, got {norm_source!r}")
         if not (isinstance(calibrate_every, int) and calibrate_every >= 1):
@@ -147,6 +153,7 @@ class ENGM(torch.optim.Optimizer):
         self._check_one_device()
         self.engine = attach(model)
         self.weighting, self.eps, self.clip_norm, self.power = weighting, eps, clip_norm, power
+        self.norm_floor = norm_floor
         self.norm_source, self.calibrate_every = norm_source, calibrate_every
         self.nonfinite, self.track_variance = nonfinite, track_variance
         self.proxy = ProxyCalibration()
@@ -344,7 +351,7 @@ class ENGM(torch.optim.Optimizer):
         if not bool(torch.isfinite(norms).all() & torch.isfinite(losses.detach()).all()):
             return None, (grads, norms)
         B = losses.shape[0]
-        phi = example_weights(norms, self.weighting, self.eps, self.clip_norm, self.power)
+        phi = example_weights(norms, self.weighting, self.eps, self.clip_norm, self.power, self.norm_floor)
         plain = grads.weighted_grads(torch.full_like(norms, 1.0 / B)) if self.track_variance else None
         # Every check is done: the weighted sums go straight into .grad (one native call for
         # the Linear-like and materialized layers, PerExampleGradients.add_weighted_).
@@ -454,7 +461,7 @@ class ENGM(torch.optim.Optimizer):
             raise FloatingPointError("every example was dropped as non-finite: no step can be taken")
         zero = torch.zeros((), dtype=norms.dtype, device=norms.device)
         phi = torch.where(keep, example_weights(norms.clamp_min(0), self.weighting, self.eps, self.clip_norm,
-                                                self.power), zero)
+                                                self.power, self.norm_floor), zero)
         w = phi / n if normalize and n else phi
         if exact:
             part.sums = grads.weighted_grads(w)  # every gradient computed before any .grad is written

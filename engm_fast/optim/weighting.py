@@ -13,6 +13,14 @@ example and turns it into the example's weight. ``weighting=`` names that map (E
 * ``"power"``: ``w_i = (||g_i|| + eps)^(-p)``: ``p = 0`` is plain momentum SGD (MSGD),
   ``p = 1`` is ``"normalize"``.
 
+``norm_floor=r`` (``"normalize"`` and ``"power"``) first raises every norm to at least ``r``
+times the batch's mean norm (over its finite norms): ``||g_i|| <- max(||g_i||, r * mean_j ||g_j||)``. An example the
+model already fits has a gradient norm many orders below the others, and in float32 that
+gradient is mostly rounding noise (the true-class component of ``softmax - onehot`` is
+``p_y - 1``, resolved to about 6e-8); without a floor ``"normalize"`` gives that noise a
+full unit-norm share of the step. With the floor its share is ``||g_i|| / (r * mean)``;
+examples above the floor keep exactly their ``1/(||g_i|| + eps)``.
+
 :func:`softmax_example_weights` ``p = softmax(z / temperature)`` of standardized scores,
 delta-SAM's weights (they sum to 1).
 """
@@ -27,7 +35,8 @@ __all__ = ["WEIGHTINGS", "check_weighting", "example_weights", "softmax_example_
 WEIGHTINGS = ("normalize", "clip", "power")
 
 
-def check_weighting(weighting: str, eps: float, clip_norm: float | None, power: float | None) -> None:
+def check_weighting(weighting: str, eps: float, clip_norm: float | None, power: float | None,
+                    norm_floor: float | None = None) -> None:
     """Validates a weighting configuration; raises ``ValueError`` naming the bad value."""
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
@@ -43,16 +52,31 @@ def check_weighting(weighting: str, eps: float, clip_norm: float | None, power: 
             raise ValueError(f"weighting='power' needs power >= 0, got {power!r}")
     elif power is not None:
         raise ValueError(f"power={power!r} is only used with weighting='power' (got {weighting!r})")
+    if norm_floor is not None:
+        if weighting == "clip":
+            raise ValueError("norm_floor is for weighting='normalize' or 'power' (clip already bounds every weight by 1)")
+        if not (isinstance(norm_floor, (int, float)) and not isinstance(norm_floor, bool)
+                and 0 < norm_floor < 1 and math.isfinite(norm_floor)):
+            raise ValueError(f"norm_floor must be a number in (0, 1) (a fraction of the batch's mean norm), got "
+                             f"{norm_floor!r}")
 
 
 def example_weights(norms: torch.Tensor, weighting: str, eps: float = 1e-6,
-                    clip_norm: float | None = None, power: float | None = None) -> torch.Tensor:
+                    clip_norm: float | None = None, power: float | None = None,
+                    norm_floor: float | None = None) -> torch.Tensor:
     """``w_i = phi(norms_i)`` for non-negative ``norms`` (``[B]``), in the dtype of ``norms``.
 
     Example:
         >>> example_weights(torch.tensor([0.0, 2.0]), "clip", clip_norm=1.0)
         tensor([1.0000, 0.5000])
+        >>> example_weights(torch.tensor([1e-7, 1.0, 3.0]), "normalize", eps=0.0, norm_floor=0.01)  # floor 0.01 * 4/3
+        tensor([75.0000,  1.0000,  0.3333])
     """
+    if norm_floor is not None and weighting != "clip":
+        # The mean of the finite norms, without a host synchronization (no boolean indexing).
+        finite = torch.isfinite(norms)
+        mean = torch.where(finite, norms, 0).sum() / finite.sum().clamp_min(1)
+        norms = torch.maximum(norms, norm_floor * mean)
     if weighting == "normalize":
         return 1.0 / (norms + eps)
     if weighting == "clip":

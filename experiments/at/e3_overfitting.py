@@ -1,54 +1,71 @@
 """E3: robust overfitting, best vs last robust test accuracy: MSGD, ENGM, MSGD+TE, ENGM+TE.
 
-Command: python experiments/at/e3_overfitting.py
-Small CNN, PGD-AT, a fixed 300-example training subset of digits (small enough to overfit),
-80 epochs (lr x0.1 at 40 and 60), 2 seeds, evaluated every 2nd epoch; TE with the paper's a = 0.9, W = 300 and
-es/ee = 90/150 of 200 scaled to 36/60 of 80. Per evaluation: PGD-20 on the full 450-image test
-set and on the 300 training images (every 2nd epoch, to fit the CPU budget). At the end, the last and the best (by per-epoch PGD-20)
-models are evaluated with PGD-20 and torchattacks' APGD-CE (50 steps) when installed.
+Command: python experiments/at/e3_overfitting.py --dataset mnist   (also fashion-mnist, digits)
+PGD-AT on a fixed training subset small enough to overfit, long enough for the test robust
+accuracy to peak and fall: a step schedule (lr x0.1 at 50% and 75% of the epochs, where robust
+overfitting shows in the papers), 2 seeds, evaluated every 2nd epoch (PGD-20 on test and
+training images). TE with the paper's a = 0.9, W = 300 and es/ee = 90/150 of 200 epochs,
+scaled. At the end the last and the best (by per-epoch PGD-20) models are evaluated by PGD-20
+and a foreign attack (28x28 sets: AutoAttack's APGD stages; digits: APGD-CE) on the final subset.
 """
-import sys
+from common import cost, PGD_AND_AA_APGD, Runs, e2_best_lrs, figure_path, finish_or_exit, fmt, parse_args, plt, save
 
-from common import FIGURES, mean_std, plt, run, save
-
-EPOCHS, SEEDS, SUBSET = 80, (0, 1), 300
-if "--quick" in sys.argv:
-    EPOCHS, SEEDS = 3, (0,)
+_28 = dict(epochs=40, seeds=(0, 1), foreign="aa_apgd",
+           run=dict(train_subset=1000, eval_train_subset=200, test_subset=200, final_subset=500, eval_every=2,
+                    monitor=False, lr_schedule="multistep", final_attacks=PGD_AND_AA_APGD))
+SETTINGS = {
+    "digits": dict(epochs=80, seeds=(0, 1), foreign="apgd", lrs={},
+                   run=dict(train_subset=300, eval_train_subset=300, monitor=False, eval_every=2,
+                            final_attacks=("pgd-20", "apgd-ce"))),
+    # the best rates of E2's PGD-AT sweep on each set (read from E2's results)
+    "mnist": dict(_28, lrs="e2"),
+    "fashion-mnist": dict(_28, lrs="e2"),
+}
 VARIANTS = {"MSGD": dict(optimizer="msgd"), "ENGM": dict(optimizer="engm"),
             "MSGD+TE": dict(optimizer="msgd", te=True), "ENGM+TE": dict(optimizer="engm", te=True)}
+args = parse_args(__doc__)
+S = SETTINGS[args.dataset]
+epochs, seeds = (3, S["seeds"][:1]) if args.quick else (S["epochs"], S["seeds"])
+if S["lrs"] == "e2":
+    S["lrs"] = {} if args.quick else e2_best_lrs(args.dataset)
+runs = Runs("e3_overfitting", args)
 out = {}
-for name, kw in VARIANTS.items():
-    for seed in SEEDS:
-        out[f"{name}/{seed}"] = run(f"E3 {name} seed {seed}", method="pgd", epochs=EPOCHS, seed=seed,
-                                    train_subset=SUBSET, eval_train_subset=SUBSET, monitor=False, eval_every=2, **kw)
-save("e3_overfitting.json", out)
+for seed in seeds:
+    for name, kw in VARIANTS.items():
+        lr = S["lrs"].get(kw["optimizer"])
+        out[f"{name}/{seed}"] = runs.get(f"{name}/{seed}", method="pgd", epochs=epochs, seed=seed, lr=lr, **S["run"], **kw)
+finish_or_exit(runs)
+save("e3_overfitting.json", out, args.dataset)
+key = "test_robust_acc_pgd20"
+foreign = "robust_acc_" + S["foreign"]
+flabel = {"aa_apgd": "AA-APGD", "apgd": "APGD-CE"}[S["foreign"]]
 
 p = plt()
 fig, ax = p.subplots(figsize=(7, 4.2))
 colors = {"MSGD": "tab:blue", "ENGM": "tab:red", "MSGD+TE": "tab:cyan", "ENGM+TE": "tab:orange"}
 for name in VARIANTS:
-    h = [r for r in out[f"{name}/{SEEDS[0]}"]["history"] if r["test_robust_acc_pgd20"] is not None]
+    h = [r for r in out[f"{name}/{seeds[0]}"]["history"] if r.get(key) is not None]
     ep = [r["epoch"] for r in h]
-    ax.plot(ep, [r["test_robust_acc_pgd20"] for r in h], color=colors[name], label=f"{name} test PGD-20")
+    ax.plot(ep, [r[key] for r in h], color=colors[name], label=f"{name} test PGD-20")
     ax.plot(ep, [r["train_robust_acc_pgd20"] for r in h], ":", color=colors[name], alpha=0.7)
 ax.set(xlabel="epoch", ylabel="robust accuracy (dotted: train)", ylim=(0, 1),
-       title=f"E3: PGD-AT on {SUBSET} digits, seed {SEEDS[0]}")
+       title=f"E3: PGD-AT on {S['run']['train_subset']} {args.dataset} images, seed {seeds[0]}, "
+             f"lr MSGD {out[f'MSGD/{seeds[0]}']['config']['lr']:g} / ENGM {out[f'ENGM/{seeds[0]}']['config']['lr']:g}")
 ax.grid(alpha=0.3)
 ax.legend(fontsize=8)
 fig.tight_layout()
-fig.savefig(f"{FIGURES}/e3_overfitting.png", dpi=90)
+fig.savefig(figure_path("e3_overfitting.png", args.dataset), dpi=90)
 
-print("| variant | best PGD-20 (epoch) | last PGD-20 | best - last | last APGD-CE | best-ckpt APGD-CE | last train PGD-20 | last clean |")
+print(f"| variant | best PGD-20 (epoch) | last PGD-20 | best - last | last {flabel} | best-ckpt {flabel} | "
+      "last train PGD-20 | last clean |")
 print("|---|---|---|---|---|---|---|---|")
 for name in VARIANTS:
-    rs = [out[f"{name}/{s}"] for s in SEEDS]
-    best = mean_std([r["best"]["robust_acc_pgd"] for r in rs])
-    last = mean_std([r["final"]["robust_acc_pgd"] for r in rs])
-    gap = mean_std([r["best"]["robust_acc_pgd"] - r["final"]["robust_acc_pgd"] for r in rs])
-    la = mean_std([r["final"].get("robust_acc_apgd") for r in rs])
-    ba = mean_std([r["best"].get("robust_acc_apgd") for r in rs])
-    tr = mean_std([r["history"][-1]["train_robust_acc_pgd20"] for r in rs])  # the last epoch is evaluated
-    cl = mean_std([r["final"]["clean_acc"] for r in rs])
-    eps_ = ",".join(str(r["best"]["epoch"]) for r in rs)
-    print(f"| {name} | {best[0]:.3f} ± {best[1]:.3f} ({eps_}) | {last[0]:.3f} ± {last[1]:.3f} | {gap[0]:.3f} | "
-          f"{la[0]:.3f} | {ba[0]:.3f} | {tr[0]:.3f} | {cl[0]:.3f} |")
+    rs = [out[f"{name}/{s}"] for s in seeds]
+    best_epochs = ",".join(str(r["best"]["epoch"]) for r in rs)
+    print(f"| {name} | {fmt([r['best']['robust_acc_pgd'] for r in rs])} ({best_epochs}) | "
+          f"{fmt([r['final']['robust_acc_pgd'] for r in rs])} | "
+          f"{fmt([r['best']['robust_acc_pgd'] - r['final']['robust_acc_pgd'] for r in rs])} | "
+          f"{fmt([r['final'].get(foreign) for r in rs])} | {fmt([r['best'].get(foreign) for r in rs])} | "
+          f"{fmt([r['history'][-1]['train_robust_acc_pgd20'] for r in rs])} | {fmt([r['final']['clean_acc'] for r in rs])} |")
+print()
+print(cost(out.values()))
