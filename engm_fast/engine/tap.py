@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["Record", "tap", "recording_allowed"]
+__all__ = ["ModuleRecord", "ParamRecord", "Record", "tap", "recording_allowed"]
 
 
 class Record:
@@ -46,6 +46,55 @@ class Record:
     def describe(self) -> str:
         """How messages name the call."""
         return type(self).__name__
+
+
+class ModuleRecord(Record):
+    """A call of a named module whose first tapped output's gradient gives per-example gradients.
+
+    Subclasses set ``kind`` (how messages name the call next to the module's name) and implement
+    :meth:`contribute`, which runs without autograd, only when a gradient reached the output and
+    :meth:`wanted` says a parameter needs one, after the gradient's batch size is checked.
+    """
+
+    __slots__ = ("name",)
+    kind = "module"
+
+    def __init__(self, engine, name: str):
+        super().__init__(engine)
+        self.name = name
+
+    def describe(self) -> str:
+        return f"module '{self.name}' ({self.kind})"
+
+    def wanted(self) -> bool:
+        """Whether any parameter of the call wants a gradient."""
+        return True
+
+    def complete(self, grads: tuple, saved: tuple) -> None:
+        g = grads[0]
+        if g is None or not self.wanted():
+            return
+        self.engine._check_batch(g, self)
+        with torch.no_grad():
+            self.contribute(g, saved)
+
+    def contribute(self, grad: torch.Tensor, saved: tuple) -> None:
+        """Adds the per-example gradients from the output gradient ``grad``."""
+        raise NotImplementedError(f"{type(self).__name__} must implement contribute")
+
+
+class ParamRecord(ModuleRecord):
+    """A :class:`ModuleRecord` for one parameter, ``param``."""
+
+    __slots__ = ("param",)
+    kind = "parameter"
+
+    def __init__(self, engine, name: str, param: torch.Tensor):
+        super().__init__(engine, name)
+        self.param = param
+
+    def wanted(self) -> bool:
+        return self.param.requires_grad
 
 
 class _Tap(torch.autograd.Function):

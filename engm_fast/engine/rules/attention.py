@@ -27,41 +27,34 @@ import torch.nn.functional as F
 
 from ..contributions import Dense, OuterProduct, Sliced
 from ..registry import Rule, add_rule
-from ..tap import Record, tap
+from ..tap import ModuleRecord, ParamRecord, tap
 
 __all__ = []
 
 
-class _ProjectionRecord(Record):
+class _ProjectionRecord(ModuleRecord):
     """``y = x W_rows^T + bias_rows``: one projection of an attention layer. ``weight_rows`` and
     ``bias_rows`` are the ``(start, stop)`` rows of the packed parameters it uses, or None for all
     of them (a separate q/k/v weight has its own matrix but a block of the packed bias)."""
 
-    __slots__ = ("name", "weight", "bias", "weight_rows", "bias_rows")
+    __slots__ = ("weight", "bias", "weight_rows", "bias_rows")
+    kind = "MultiheadAttention"
 
     def __init__(self, engine, name, weight, bias, weight_rows, bias_rows):
-        super().__init__(engine)
-        self.name, self.weight, self.bias = name, weight, bias
+        super().__init__(engine, name)
+        self.weight, self.bias = weight, bias
         self.weight_rows, self.bias_rows = weight_rows, bias_rows
 
-    def describe(self) -> str:
-        return f"module '{self.name}' (MultiheadAttention)"
-
-    def complete(self, grads: tuple, saved: tuple) -> None:
-        b = grads[0]
-        if b is None:
-            return
+    def contribute(self, b: torch.Tensor, saved: tuple) -> None:
         engine = self.engine
-        engine._check_batch(b, self)
         (x,) = saved
-        with torch.no_grad():
-            if self.weight.requires_grad:
-                rows = self.weight_rows or (0, self.weight.shape[0])
-                c = OuterProduct(x.to(b.dtype), b, (rows[1] - rows[0], x.shape[-1]))
-                engine._session.add(self.weight, _block(c, rows, self.weight.shape))
-            if self.bias is not None and self.bias.requires_grad:
-                rows = self.bias_rows or (0, self.bias.shape[0])
-                engine._session.add(self.bias, _block(Dense(b.sum(1)), rows, self.bias.shape))
+        if self.weight.requires_grad:
+            rows = self.weight_rows or (0, self.weight.shape[0])
+            c = OuterProduct(x.to(b.dtype), b, (rows[1] - rows[0], x.shape[-1]))
+            engine._session.add(self.weight, _block(c, rows, self.weight.shape))
+        if self.bias is not None and self.bias.requires_grad:
+            rows = self.bias_rows or (0, self.bias.shape[0])
+            engine._session.add(self.bias, _block(Dense(b.sum(1)), rows, self.bias.shape))
 
 
 def _block(c, rows, shape):
@@ -69,24 +62,14 @@ def _block(c, rows, shape):
     return c if rows == (0, shape[0]) else Sliced(c, rows[0], rows[1], shape)
 
 
-class _ExpandedParamRecord(Record):
+class _ExpandedParamRecord(ParamRecord):
     """A ``[1, 1, E]`` parameter expanded to ``[B, 1, E]``: its per-example gradients."""
 
-    __slots__ = ("param", "name")
+    __slots__ = ()
+    kind = "MultiheadAttention bias_k/bias_v"
 
-    def __init__(self, engine, name, param):
-        super().__init__(engine)
-        self.name, self.param = name, param
-
-    def describe(self) -> str:
-        return f"module '{self.name}' (MultiheadAttention bias_k/bias_v)"
-
-    def complete(self, grads: tuple, saved: tuple) -> None:
-        b = grads[0]
-        if b is None or not self.param.requires_grad:
-            return
-        self.engine._check_batch(b, self)
-        self.engine._session.add(self.param, Dense(b.reshape((b.shape[0],) + tuple(self.param.shape))))
+    def contribute(self, grad: torch.Tensor, saved: tuple) -> None:
+        self.engine._session.add(self.param, Dense(grad.reshape((grad.shape[0],) + tuple(self.param.shape))))
 
 
 def _project(engine, name, x, weight, bias, start, stop, separate: bool = False):
