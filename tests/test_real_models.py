@@ -5,7 +5,9 @@ models' data-dependent code). Covered: broadcast position embeddings (GPT-2, BER
 DistilBERT), T5's relative attention bias (no batch dimension at all, also with the sequence
 length equal to the batch size), GPT-2's Conv1D and tied head, Llama's RMSNorm and ViT's class
 token and position embeddings (parameters used directly by modules without a rule),
-ConvNeXt's channels-first LayerNorm and layer scale. B = 1 and B > 1.
+ConvNeXt's channels-first LayerNorm and layer scale. B = 1 and B > 1. Then ALBERT, ELECTRA,
+OPT, Mistral, Qwen2, Gemma, GPT-NeoX, Phi and BART with nothing written for them, and DeBERTa-v2,
+whose encoder reads a child's weight directly, refused by name.
 """
 from __future__ import annotations
 
@@ -168,3 +170,64 @@ def test_convnext_channels_first_layernorm_and_layer_scale(B):
 
     engine = _check(model, losses, B)
     assert engine.fallback_modules == []
+
+
+_DECODER = dict(vocab_size=V, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24,
+                max_position_embeddings=32)
+_ENCODER = dict(_DECODER, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+# Architectures beyond those above, each with its own embedding, attention and norm code: the
+# engine must be exact on them without anything written for them.
+MORE = {
+    "albert": (lambda: tf.AlbertForSequenceClassification(tf.AlbertConfig(embedding_size=8, classifier_dropout_prob=0.0,
+                                                                          **_ENCODER)), "classify"),
+    "electra": (lambda: tf.ElectraForSequenceClassification(tf.ElectraConfig(embedding_size=8, **_ENCODER)), "classify"),
+    "opt": (lambda: tf.OPTForCausalLM(tf.OPTConfig(vocab_size=V, hidden_size=16, num_hidden_layers=2, ffn_dim=24,
+                                                   num_attention_heads=2, max_position_embeddings=32, dropout=0.0,
+                                                   attention_dropout=0.0, word_embed_proj_dim=16)), "lm"),
+    "mistral": (lambda: tf.MistralForCausalLM(tf.MistralConfig(num_key_value_heads=1, **_DECODER)), "lm"),
+    "qwen2": (lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(num_key_value_heads=1, **_DECODER)), "lm"),
+    "gemma": (lambda: tf.GemmaForCausalLM(tf.GemmaConfig(num_key_value_heads=1, head_dim=8, **_DECODER)), "lm"),
+    "gpt_neox": (lambda: tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(hidden_dropout=0.0, attention_dropout=0.0,
+                                                                **_DECODER)), "lm"),
+    "phi": (lambda: tf.PhiForCausalLM(tf.PhiConfig(resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0,
+                                                   **_DECODER)), "lm"),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(MORE))
+def test_more_architectures_exact(arch):
+    B, T = 3, 6
+    make, kind = MORE[arch]
+    model = make()
+    ids = torch.randint(3, V, (B, T))
+    losses = _lm(model, ids) if kind == "lm" else _classify(ids, torch.randint(0, 3, (B,)))
+    _check(model, losses, B)
+
+
+def test_bart_encoder_decoder_classification():
+    B, T = 3, 6
+    cfg = tf.BartConfig(vocab_size=V, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                        decoder_attention_heads=2, encoder_ffn_dim=24, decoder_ffn_dim=24, max_position_embeddings=32,
+                        dropout=0.0, attention_dropout=0.0, num_labels=3, pad_token_id=1, eos_token_id=2)
+    ids = torch.randint(3, V, (B, T))
+    ids[:, -1] = 2  # BART classifies from each sequence's final end-of-sequence token
+    _check(tf.BartForSequenceClassification(cfg), _classify(ids, torch.randint(0, 3, (B,))), B)
+
+
+def test_deberta_v2_parent_reading_a_child_weight_is_refused_by_name():
+    """DeBERTa-v2's encoder reads ``rel_embeddings.weight`` directly (not by calling the
+    Embedding): the engine cannot see that use, so it must refuse and name the parameter rather
+    than give wrong per-example gradients."""
+    import engm_fast
+
+    cfg = tf.DebertaV2Config(relative_attention=True, position_buckets=8, pos_att_type=["p2c", "c2p"], **_ENCODER)
+    model = tf.DebertaV2ForSequenceClassification(cfg).to(DT)
+    B, T = 3, 6
+    ids = torch.randint(3, V, (B, T))
+    losses = _classify(ids, torch.randint(0, 3, (B,)))
+    engine = engm_fast.attach(model)
+    try:
+        with pytest.raises(NotImplementedError, match=r"deberta\.encoder\.rel_embeddings\.weight.*not recorded"):
+            engine.backward(losses(model, slice(0, B)))
+    finally:
+        engm_fast.release(model)
