@@ -257,9 +257,15 @@ def _scenario_static_graph_rejected(rank):
         engm_fast.ENGM(ddp, lr=0.1)
 
 
+def _scenario_norm_floor_refused(rank):
+    ddp = nn.parallel.DistributedDataParallel(_model())
+    with pytest.raises(NotImplementedError, match="norm_floor.*each rank sees only its own examples"):
+        engm_fast.ENGM(ddp, lr=0.1, norm_floor=0.01)
+
+
 SCENARIOS = [_scenario_uneven_and_empty, _scenario_no_sync, _scenario_proxy, _scenario_error_on_one_rank,
              _scenario_grad_scaler, _scenario_monitor_records_global_statistics, _scenario_find_unused_parameters,
-             _scenario_static_graph_rejected]
+             _scenario_static_graph_rejected, _scenario_norm_floor_refused]
 
 
 def _run(rank, world):

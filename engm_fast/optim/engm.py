@@ -142,6 +142,10 @@ class ENGM(torch.optim.Optimizer):
         if nonfinite not in _NONFINITE:
             raise ValueError(f"nonfinite must be one of {_NONFINITE}, got {nonfinite!r}")
         ddp = ddp_of(model)
+        if norm_floor is not None and (ddp is not None or is_sharded(model)):
+            raise NotImplementedError("ENGM(norm_floor=...) under DistributedDataParallel or FSDP2 is not supported: the "
+                                      "floor is a fraction of the batch's mean norm, and each rank sees only its own "
+                                      "examples (the global mean would need one more all-reduce a step)")
         if ddp is not None and getattr(ddp, "static_graph", False):
             raise ValueError("ENGM does not support DistributedDataParallel(static_graph=True): DDP's delayed "
                              "all-reduce would run inside ENGM's backward; use static_graph=False (the default)")

@@ -335,7 +335,7 @@ class ShardedENGM:
         opt = self.opt
         zero = torch.zeros((), dtype=norms.dtype, device=norms.device)
         return torch.where(keep, example_weights(norms.clamp_min(0), opt.weighting, opt.eps, opt.clip_norm,
-                                                 opt.power, opt.norm_floor), zero)
+                                                 opt.power), zero)
 
     def _autograd_backward(self, losses: torch.Tensor, phi: torch.Tensor, layout: _Layout) -> None:
         """FSDP's own backward of ``sum_i phi_i loss_i`` into the optimizer's parameters: FSDP
