@@ -219,8 +219,7 @@ def e2_best_lrs(dataset: str, method: str = "pgd", metric: str = "robust_acc_aa_
     grids = e2["grids"][method] if method in e2["grids"] else e2["grids"]
 
     def score(opt, lr):
-        seeds = e2["seeds"][method] if isinstance(e2["seeds"], dict) else e2["seeds"]  # per method, or one list
-        finals = [(e2["runs"][f"{method}/{opt}/{lr}/{s}"].get("final") or {}).get(metric, 0.0) for s in seeds]
+        finals = [(e2["runs"][f"{method}/{opt}/{lr}/{s}"].get("final") or {}).get(metric, 0.0) for s in e2["seeds"]]
         return statistics.fmean(finals)
     return {opt: max(grid, key=lambda lr: score(opt, lr)) for opt, grid in grids.items()}
 

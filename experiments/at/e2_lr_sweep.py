@@ -15,8 +15,7 @@ SETTINGS = {
     "digits": dict(epochs=15, seeds=(0, 1, 2), metric="pgd", full_aa=None,
                    grids={"msgd": (0.01, 0.03, 0.1, 0.3), "engm": (0.1, 0.3, 1.0, 3.0)},
                    run=dict(eval_train_subset=None, monitor=False, final_attacks=PGD_ONLY)),
-    # MNIST-5k: 3 seeds for PGD-AT, 2 for TRADES (the budget of one session on a shared 2-core CPU).
-    "mnist": dict(epochs=10, seeds={"pgd": (0, 1, 2), "trades": (0, 1)}, metric="aa_apgd", full_aa=500,
+    "mnist": dict(epochs=10, seeds=(0, 1, 2), metric="aa_apgd", full_aa=500,
                   grids={"msgd": (0.01, 0.03, 0.1, 0.3, 1.0), "engm": (0.1, 0.3, 1.0, 3.0, 10.0),
                          "engm_proxy": (0.1, 0.3, 1.0, 3.0, 10.0)}, run=_28),
     # Fashion-MNIST: a fixed 4,000-image training subset (MNIST-5k's size); fewer rates (3) and
@@ -32,16 +31,14 @@ COLLAPSED = 0.2  # a final clean accuracy below this (10 classes): the run colla
 
 args = parse_args(__doc__)
 S = SETTINGS[args.dataset]
-# Seeds per method (a tuple: the same for both).
-seeds = {m: S["seeds"][m] if isinstance(S["seeds"], dict) else S["seeds"] for m in METHODS}
-epochs, seeds = (2, {m: s[:1] for m, s in seeds.items()}) if args.quick else (S["epochs"], seeds)
+epochs, seeds = (2, S["seeds"][:1]) if args.quick else (S["epochs"], S["seeds"])
 G = S["grids"] if "pgd" in S["grids"] else {m: S["grids"] for m in METHODS}  # per method: {optimizer: rates}
 if args.quick:
     G = {m: {opt: grid[:2] for opt, grid in g.items()} for m, g in G.items()}
 runs = Runs("e2_lr_sweep", args)
 out = {}
-for seed in sorted(set().union(*seeds.values())):
-    for method in (m for m in METHODS if seed in seeds[m]):
+for seed in seeds:
+    for method in METHODS:
         for opt, grid in G[method].items():
             for lr in grid:
                 out[f"{method}/{opt}/{lr}/{seed}"] = runs.get(f"{method}/{opt}/{lr}/{seed}", method=method, optimizer=opt,
@@ -57,11 +54,11 @@ def final(key, name):
 
 
 def cell(method, opt, lr, name):
-    return [final(f"{method}/{opt}/{lr}/{s}", name) for s in seeds[method]]
+    return [final(f"{method}/{opt}/{lr}/{s}", name) for s in seeds]
 
 
 def collapsed(method, opt, lr):
-    return sum(1 for s in seeds[method] if out[f"{method}/{opt}/{lr}/{s}"]["diverged"]
+    return sum(1 for s in seeds if out[f"{method}/{opt}/{lr}/{s}"]["diverged"]
                or final(f"{method}/{opt}/{lr}/{s}", "clean_acc") < COLLAPSED)
 
 
@@ -72,7 +69,7 @@ for method in METHODS:
 full = {}
 if S["full_aa"] and not args.quick:
     for (method, opt), lr in best.items():
-        for s in seeds[method] if method == "pgd" else ():
+        for s in seeds if method == "pgd" else ():
             key = f"{method}/{opt}/{lr}/{s}"
             full[key] = runs.evaluate(f"full_aa/{key}", key, ("autoattack",), S["full_aa"])
     finish_or_exit(runs)
@@ -81,7 +78,7 @@ save("e2_lr_sweep.json", {"dataset": args.dataset, "epochs": epochs, "seeds": se
                           "settings": S["run"], "runs": out, "full_autoattack": full}, args.dataset)
 
 label = {"aa_apgd": "AA-APGD", "pgd": "PGD-20"}[S["metric"]]
-print(f"Per cell, {' and '.join(f'{len(v)} seeds for {k}' for k, v in seeds.items())} (mean ± sd); collapsed = diverged or final clean accuracy < {COLLAPSED}:")
+print(f"Per cell, {len(seeds)} seeds (mean ± sd); collapsed = diverged or final clean accuracy < {COLLAPSED}:")
 print(f"| method | optimizer | lr | clean | PGD-20 | {label if label != 'PGD-20' else 'PGD-20 per seed'} | "
       f"{label} per seed | collapsed |")
 print("|---|---|---|---|---|---|---|---|")
@@ -92,7 +89,7 @@ for method in METHODS:
             mark = " **best**" if best[(method, opt)] == lr else ""
             print(f"| {method} | {opt} | {lr:g}{mark} | {fmt(cell(method, opt, lr, 'clean_acc'))} | "
                   f"{fmt(cell(method, opt, lr, 'robust_acc_pgd'))} | {fmt(cell(method, opt, lr, metric))} | {per_seed} | "
-                  f"{collapsed(method, opt, lr)}/{len(seeds[method])} |")
+                  f"{collapsed(method, opt, lr)}/{len(seeds)} |")
 print()
 print(f"Best rate per optimizer (by mean final {label}); spread = max - min of the cell means over the grid:")
 head = "| method | optimizer | best lr | clean | PGD-20 | " + (f"{label} | full AutoAttack | full AA per seed | "
@@ -105,7 +102,7 @@ for (method, opt), lr in best.items():
     row = (f"| {method} | {opt} | {lr:g} | {fmt(cell(method, opt, lr, 'clean_acc'))} | "
            f"{fmt(cell(method, opt, lr, 'robust_acc_pgd'))} | {fmt(cell(method, opt, lr, metric))} | ")
     if full and method == "pgd":
-        aa = [full[f"{method}/{opt}/{lr}/{s}"]["robust_acc_aa"] for s in seeds[method]]
+        aa = [full[f"{method}/{opt}/{lr}/{s}"]["robust_acc_aa"] for s in seeds]
         row += f"{fmt(aa)} | {' / '.join(f'{v:.3f}' for v in aa)} | "
     elif full:
         row += "not run | | "
@@ -126,7 +123,7 @@ for ax, method in zip(axes, METHODS):
             ax.plot(grid, [mean_std(cell(method, opt, lr, "robust_acc_pgd"))[0] for lr in grid], ":", marker=".",
                     color=colors[opt], alpha=0.6, label=f"{opt.upper()} PGD-20")
     ax.set(xscale="log", xlabel="learning rate", title="PGD-AT" if method == "pgd" else "TRADES (beta 6)",
-           ylabel=f"final test accuracy (mean ± sd, {len(seeds[method])} seeds)")
+           ylabel=f"final test accuracy (mean ± sd, {len(seeds)} seeds)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
 fig.suptitle(f"E2 on {args.dataset}: learning-rate sensitivity, {epochs} epochs", fontsize=9)
