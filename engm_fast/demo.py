@@ -30,9 +30,9 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from ._text import format_table, or_na
 from .at.evaluation import EVAL_ATTACKS, attack_unavailable, parse_attack_spec
 from .at.plots import plot_accuracy
-from ._text import format_table, or_na
 from .at.train import WARMUP_STEPS, TrainConfig, default_lr, describe_epoch, train_together
 from .data import dataset_spec, load_dataset
 
