@@ -49,6 +49,7 @@ from engm_fast import demo
 DEFAULT_LRS_MSGD = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
 DEFAULT_LRS_ENGM = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 DEFAULT_SEEDS = (0, 1, 2)
+DIGITS_EPOCHS = 30  # the former 8x8 demo's epochs, which docs/demo_lr_sweep.md swept
 DEFAULT_OUT = os.path.join(_REPO, "benchmarks", "results", "demo_lr_sweep.json")
 
 
@@ -59,7 +60,8 @@ def _init_worker(threads: int) -> None:
 def _run(job: dict) -> dict:
     """One training run; a top-level function so worker processes can pickle it."""
     t0 = time.perf_counter()
-    r = demo.summarize(train(demo.demo_config(job["optimizer"], job["lr"], seed=job["seed"], epochs=job["epochs"])))
+    r = demo.summarize(train(demo.demo_config(job["optimizer"], job["lr"], seed=job["seed"], epochs=job["epochs"],
+                                              dataset=job["dataset"])))
     return {
         "optimizer": job["optimizer"],
         "lr": job["lr"],
@@ -142,18 +144,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--lrs-msgd", type=float, nargs="*", default=list(DEFAULT_LRS_MSGD))
     p.add_argument("--lrs-engm", type=float, nargs="*", default=list(DEFAULT_LRS_ENGM))
     p.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS))
-    p.add_argument("--epochs", type=int, default=demo.DEFAULT_EPOCHS, help="training epochs (the demo's default)")
+    p.add_argument("--dataset", default="digits",
+                   help="the demo's data set (default: digits, the former 8x8 demo that docs/demo_lr_sweep.md swept)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="training epochs (default: 30 on digits, as in docs/demo_lr_sweep.md; else the demo's)")
     p.add_argument("--jobs", type=int, default=1, help="parallel training processes")
     p.add_argument("--out", default=DEFAULT_OUT, help="JSON output path")
     p.add_argument("--append", action="store_true", help="add to the runs already in --out")
     args = p.parse_args(argv)
+    if args.epochs is None:
+        args.epochs = DIGITS_EPOCHS if args.dataset == "digits" else demo.DEFAULT_EPOCHS
 
     # The configuration every run shares (the demo's; seed, optimizer and lr vary).
-    cfg = demo.demo_config("msgd", epochs=args.epochs).resolved()
+    cfg = demo.demo_config("msgd", epochs=args.epochs, dataset=args.dataset).resolved()
     cfg_dict = {k: v for k, v in json.loads(json.dumps(vars(cfg))).items() if k not in ("optimizer", "lr", "seed")}
     old: dict = {}
     jobs = [
-        {"optimizer": opt, "lr": lr, "seed": seed, "epochs": args.epochs}
+        {"optimizer": opt, "lr": lr, "seed": seed, "epochs": args.epochs, "dataset": args.dataset}
         for opt, lrs in (("msgd", args.lrs_msgd), ("engm", args.lrs_engm))
         for lr in lrs
         for seed in args.seeds
