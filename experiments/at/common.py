@@ -250,12 +250,12 @@ def fmt(xs, digits: int = 3) -> str:
 
 def cost(results, what: str = "runs") -> str:
     """One line for a table's cost: the number of runs and the sum of their wall times (each
-    run: one torch thread, niced, beside other runs and work on the shared 2-core machine, so a
+    run: one torch thread, beside other runs and work on the shared 2-core machine, so a
     run alone takes less)."""
     rs = [r for r in results if r]
     total = sum(r.get("wall_time_s", 0.0) for r in rs)
     return (f"cost: {len(rs)} {what}, {total / 60:.0f} min of wall time summed over them (1 torch thread each, "
-            f"niced, beside other processes on the shared 2-core machine)")
+            f"beside other processes on the shared 2-core machine)")
 
 
 def plt():
