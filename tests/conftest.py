@@ -122,3 +122,37 @@ def assert_engine_matches(model, make_losses, ref: dict, batch_size: int, rtol: 
         return engine
     finally:
         engm_fast.release(model)
+
+
+# Distributed tests (DDP, FSDP2): a rank's ENGM against single-process ENGM on all ranks' examples.
+
+def cat_batches(batches):
+    """The per-rank batches ``[(x, y, ...)]`` concatenated in rank order: the single-process batch."""
+    return tuple(torch.cat(parts) for parts in zip(*batches))
+
+
+def full_tensor(p):
+    """A sharded (DTensor) parameter's full value; any other tensor itself."""
+    return p.full_tensor() if hasattr(p, "full_tensor") else p
+
+
+def assert_params_equal(model, ref, what: str, tol: float):
+    """Every parameter of ``model`` (full tensors of sharded ones) within ``tol`` of ``ref``'s."""
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        err = float((full_tensor(p).detach() - q.detach()).abs().max())
+        assert err <= tol, f"{what}: {name} differs from single-process ENGM by {err:.3e}"
+
+
+def step_matches_single_process(opt, ref_opt, losses_here, losses_all, rank: int, sizes, tol: float):
+    """One step of ``opt`` on this rank's losses and of ``ref_opt`` on every rank's; this rank's
+    norms must be its slice of the reference norms. Returns them."""
+    opt.zero_grad()
+    norms = opt.backward(losses_here())
+    assert norms.shape == (sizes[rank],)
+    opt.step()
+    ref_opt.zero_grad()
+    ref_norms = ref_opt.backward(losses_all())
+    ref_opt.step()
+    offset = sum(sizes[:rank])
+    torch.testing.assert_close(norms.double(), ref_norms[offset:offset + sizes[rank]].double(), rtol=0, atol=tol)
+    return norms

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 import engm_fast
 from engm_fast.bench.local_group import run_local_group
 
+from conftest import assert_params_equal, cat_batches, step_matches_single_process
+
 WORLD = 2
 TOL = 1e-10
 HP = dict(lr=0.2, momentum=0.9, weight_decay=1e-3)
@@ -33,8 +35,7 @@ def _data(sizes, seed):
             for n in sizes]
 
 
-def _cat(batches):
-    return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+_cat = cat_batches
 
 
 def _losses(model, batch):
@@ -42,9 +43,7 @@ def _losses(model, batch):
 
 
 def _assert_params_equal(model, ref, what):
-    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
-        err = float((p - q).abs().max())
-        assert err <= TOL, f"{what}: {name} differs from single-process ENGM by {err:.3e}"
+    assert_params_equal(model, ref, what, TOL)
 
 
 def _scenario_uneven_and_empty(rank):
@@ -57,15 +56,8 @@ def _scenario_uneven_and_empty(rank):
     ddp.register_comm_hook(None, _counting_hook(calls))
     for step, sizes in enumerate([(5, 3), (2, 6), (4, 0)]):
         per_rank = _data(sizes, seed=100 + step)
-        opt.zero_grad()
-        norms = opt.backward(_losses(ddp, per_rank[rank]))
-        assert norms.shape == (sizes[rank],)
-        opt.step()
-        ref_opt.zero_grad()
-        ref_norms = ref_opt.backward(_losses(ref, _cat(per_rank)))
-        ref_opt.step()
-        offset = sum(sizes[:rank])
-        torch.testing.assert_close(norms, ref_norms[offset:offset + sizes[rank]], rtol=0, atol=TOL)
+        step_matches_single_process(opt, ref_opt, lambda: _losses(ddp, per_rank[rank]),
+                                    lambda: _losses(ref, _cat(per_rank)), rank, sizes, TOL)
         _assert_params_equal(model, ref, f"step {step}, sizes {sizes}")
         for key in ("norm_mean", "norm_max", "norm_min", "weight_mean", "grad_variance"):
             assert opt.diagnostics[key] == pytest.approx(ref_opt.diagnostics[key], rel=1e-9, abs=1e-12), key

@@ -21,6 +21,8 @@ from engm_fast.bench.local_group import run_local_group
 from engm_fast.engine import fsdp2
 from engm_fast.optim import fsdp as engm_fsdp
 
+from conftest import assert_params_equal, cat_batches, full_tensor, step_matches_single_process
+
 TOL = 1e-10
 HP = dict(lr=0.3, momentum=0.9, weight_decay=1e-3)
 V = 13  # vocabulary
@@ -88,18 +90,11 @@ def _gpt2_losses(model, batch):
         ids.shape[0], -1).sum(1)
 
 
-def _cat(batches):
-    return tuple(torch.cat(parts) for parts in zip(*batches))
-
-
-def _full(p):
-    return p.full_tensor() if hasattr(p, "full_tensor") else p
+_cat, _full = cat_batches, full_tensor
 
 
 def _assert_params_equal(model, ref, what, tol=TOL):
-    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
-        err = float((_full(p).detach() - q.detach()).abs().max())
-        assert err <= tol, f"{what}: {name} differs from single-process ENGM by {err:.3e}"
+    assert_params_equal(model, ref, what, tol)
 
 
 class _CountingReduceScatter:
@@ -127,15 +122,8 @@ def _run_steps(rank, world, make, shard, data, losses_of, schedule, seed, opt_kw
     ref_opt = engm_fast.ENGM(ref, **opt_kw)
     for step, sizes in enumerate(schedule):
         per_rank = data(sizes, seed + step)
-        opt.zero_grad()
-        norms = opt.backward(losses_of(model, per_rank[rank]))
-        assert norms.shape == (sizes[rank],)
-        opt.step()
-        ref_opt.zero_grad()
-        ref_norms = ref_opt.backward(losses_of(ref, _cat(per_rank)))
-        ref_opt.step()
-        offset = sum(sizes[:rank])
-        torch.testing.assert_close(norms.double(), ref_norms[offset:offset + sizes[rank]].double(), rtol=0, atol=tol)
+        norms = step_matches_single_process(opt, ref_opt, lambda: losses_of(model, per_rank[rank]),
+                                            lambda: losses_of(ref, _cat(per_rank)), rank, sizes, tol)
         _assert_params_equal(model, ref, f"step {step}, sizes {sizes}", tol)
         if check_diag:
             for key in ("norm_mean", "norm_max", "norm_min", "weight_mean", "grad_variance", "grad_sqnorm"):
