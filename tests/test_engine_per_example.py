@@ -399,3 +399,30 @@ def test_pgd_attack_pauses_recording():
     finally:
         tap_mod._apply = original
         engm_fast.release(model)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_layers_sharing_an_output_gradient_share_its_norm_work(backend):
+    """Linear-like contributions whose output gradient is one tensor (an LSTM's W_ih and W_hh
+    share dz) are normed together as ``dz^T [a_1 | a_2]``: the total equals the sum of the
+    separate norms, also beside a layer with its own output gradient and a materialized one."""
+    from engm_fast.engine.contributions import Dense, OuterProduct
+    from engm_fast.engine.engine import PerExampleGradients
+
+    if backend not in engm_fast.available_backends():
+        pytest.skip(f"backend {backend} is not available here")
+    g = torch.Generator().manual_seed(0)
+    B, T = 3, 5
+    dz = torch.randn(B, T, 7, dtype=torch.float64, generator=g)
+    a1, a2 = (torch.randn(B, T, d, dtype=torch.float64, generator=g) for d in (4, 6))
+    a3, b3 = torch.randn(B, T, 2, dtype=torch.float64, generator=g), torch.randn(B, T, 3, dtype=torch.float64, generator=g)
+    params = [nn.Parameter(torch.zeros(s, dtype=torch.float64)) for s in ((7, 4), (7, 6), (3, 2), (7,))]
+    contributions = {params[0]: OuterProduct(a1, dz, (7, 4)), params[1]: OuterProduct(a2, dz, (7, 6)),
+                     params[2]: OuterProduct(a3, b3, (3, 2)), params[3]: Dense(dz.sum(1))}
+    grads = PerExampleGradients(contributions, {p: str(i) for i, p in enumerate(params)}, B, torch.float64,
+                                torch.device("cpu"))
+    per_example = [torch.einsum("bto,bti->boi", dz, a1), torch.einsum("bto,bti->boi", dz, a2),
+                   torch.einsum("bto,bti->boi", b3, a3), dz.sum(1)]
+    expected = sum(p.reshape(B, -1).pow(2).sum(1) for p in per_example)
+    with engm_fast.use_backend(backend):
+        torch.testing.assert_close(grads.sqnorms(), expected, rtol=1e-12, atol=0)

@@ -134,6 +134,46 @@ def test_recurrent_forward_equals_torch_outside_and_inside_recording():
         engm_fast.release(m)
 
 
+@pytest.mark.parametrize("cls,kw", [(nn.RNN, dict(nonlinearity="relu")), (nn.RNN, {}), (nn.GRU, {}),
+                                    (nn.LSTM, {}), (nn.LSTM, dict(proj_size=3))],
+                         ids=["RNN-relu", "RNN-tanh", "GRU", "LSTM", "LSTM-proj"])
+def test_recurrent_plain_backward_through_a_recorded_forward(cls, kw):
+    """A backward that is not the engine's (a user's ``loss.backward()`` while the engine is
+    attached) through the rule's recurrence gives torch's gradients for every parameter, the input
+    and the initial states, with gradients arriving at the outputs, ``h_n`` and ``c_n`` at once,
+    also after the outputs were changed in place."""
+    torch.manual_seed(0)
+    m = cls(4, 5, num_layers=2, bidirectional=True, batch_first=True, **kw).double()
+    plain = cls(4, 5, num_layers=2, bidirectional=True, batch_first=True, **kw).double()
+    plain.load_state_dict(m.state_dict())
+    H_out = kw.get("proj_size", 5)
+    x = torch.randn(3, 6, 4, dtype=DT)
+    h0 = torch.randn(4, 3, H_out, dtype=DT)
+    c0 = torch.randn(4, 3, 5, dtype=DT)
+    w_out, w_h, w_c = torch.randn(3, 6, 2 * H_out, dtype=DT), torch.randn(4, 3, H_out, dtype=DT), torch.randn(4, 3, 5, dtype=DT)
+
+    def grads(module):
+        xs, hs, cs = (t.clone().requires_grad_() for t in (x, h0, c0))
+        out, state = module(xs, (hs, cs) if cls is nn.LSTM else hs)
+        out = out.mul_(1.0)   # in place on the output: the backward must not depend on it
+        states = state if cls is nn.LSTM else (state,)
+        loss = (out * w_out).sum() + (states[0] * w_h).sum() + ((states[1] * w_c).sum() if cls is nn.LSTM else 0)
+        loss.backward()
+        inputs = (xs, hs, cs) if cls is nn.LSTM else (xs, hs)
+        return [t.grad for t in inputs] + [p.grad for p in module.parameters()], out
+
+    engm_fast.attach(m)
+    try:
+        got, out = grads(m)
+    finally:
+        engm_fast.release(m)
+    ref, ref_out = grads(plain)
+    torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
+    names = ["x", "h0", "c0"][:3 if cls is nn.LSTM else 2] + [n for n, _ in m.named_parameters()]
+    for name, a, b in zip(names, got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda msg: f"{name}: {msg}")
+
+
 def test_packed_sequence_is_refused_by_name():
     model = nn.LSTM(3, 4, batch_first=True)
     engm_fast.attach(model)

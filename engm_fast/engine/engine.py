@@ -208,7 +208,8 @@ class PerExampleGradients:
             total = torch.zeros(self.batch_size, dtype=self._acc_dtype, device=self._device)
             lists, others = self._layer_groups()
             for layers in lists.values():
-                total += ops.per_example_sqnorms([a for _, a, _ in layers], [b for _, _, b in layers]).to(total.dtype)
+                a_list, b_list = _share_output_gradients([a for _, a, _ in layers], [b for _, _, b in layers])
+                total += ops.per_example_sqnorms(a_list, b_list).to(total.dtype)
             for c in others.values():
                 total += c.sqnorms().to(total.dtype)
             self._sqnorms = total
@@ -244,6 +245,22 @@ class PerExampleGradients:
         """A copy with the examples where ``mask`` is True removed (their g_i set to 0)."""
         return PerExampleGradients({p: c.zero_examples(mask) for p, c in self.contributions.items()},
                                    self.names, self.batch_size, self._acc_dtype, self._device)
+
+
+def _share_output_gradients(a_list: list, b_list: list) -> tuple[list, list]:
+    """Layers whose output gradient is the same tensor as one layer: the sum of their squared
+    norms is the squared norm of ``b_i^T [a_i1 | a_i2 | ...]``, so their inputs are concatenated
+    and ``b``'s part of the work (its Gram matrix on the ghost route) is done once. An LSTM's
+    ``W_ih`` and ``W_hh`` share ``dz``: at width 256, T = 32 that Gram matrix is a third of the
+    norms' time."""
+    groups: dict = {}
+    for a, b in zip(a_list, b_list):
+        key = (b.data_ptr(), b.shape, b.stride(), b.dtype, b.device)
+        groups.setdefault(key, (b, []))[1].append(a)
+    if len(groups) == len(b_list):
+        return a_list, b_list
+    return ([a[0] if len(a) == 1 else torch.cat(a, -1) for _, a in groups.values()],
+            [b for b, _ in groups.values()])
 
 
 class _Session:

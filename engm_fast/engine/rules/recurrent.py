@@ -1,12 +1,13 @@
 """Recurrent layers: ``nn.RNN``, ``nn.LSTM``, ``nn.GRU`` and ``nn.RNNCell``, ``nn.LSTMCell``,
 ``nn.GRUCell``.
 
-Their forward is one fused op (cuDNN, or ATen's CPU loop) that exposes no per-step gradient, so
-while the engine records, the rule runs the recurrence itself (``torch.nn`` semantics: gate
-order, bias placement, ``batch_first``, ``num_layers``, ``bidirectional``, ``proj_size``,
-dropout between layers, initial states, unbatched inputs) and taps ONE tensor per layer and
-direction: the input projection of the whole sequence, ``gx = x W_ih^T + b_ih``
-(``[B, T, gates]``). The gate pre-activations are ``z_t = gx_t + gh_t`` with
+Their forward is one fused op (cuDNN, oneDNN or ATen's CPU loop) that exposes no per-step
+gradient, so while the engine records, the rule runs the recurrence itself (``torch.nn``
+semantics: gate order, bias placement, ``batch_first``, ``num_layers``, ``bidirectional``,
+``proj_size``, dropout between layers, initial states, unbatched inputs), each layer and
+direction as one autograd node with a hand-written backward (:mod:`._bptt`), and taps ONE
+tensor per layer and direction: the input projection of the whole sequence,
+``gx = x W_ih^T + b_ih`` (``[B, T, gates]``). The gate pre-activations are ``z_t = gx_t + gh_t`` with
 ``gh_t = h_{t-1} W_hh^T + b_hh``, so the gradient that reaches ``gx`` is ``dz`` for every step,
 and the per-example gradients are outer products over time, the factored form of a Linear
 over T positions::
@@ -14,8 +15,11 @@ over T positions::
     W_ih: sum_t dz_t^T x_t      W_hh: sum_t dgh_t^T h_{t-1}      b_ih: sum_t dz_t      b_hh: sum_t dgh_t
 
 with ``dgh = dz`` for RNN and LSTM. For GRU the new gate's hidden part is scaled by the reset
-gate, ``n = tanh(gx_n + r * gh_n)``, so ``dgh_n = dz_n * r`` (the reset gates are kept). With
-``proj_size > 0`` (LSTM) each step's projection ``h_t = m_t W_hr^T`` is tapped too.
+gate, ``n = tanh(gx_n + r * gh_n)``, so ``dgh_n = dz_n * r`` (the recurrence's backward computes
+``dgh`` anyway and leaves it on the record). With
+``proj_size > 0`` (LSTM) the projection ``h_t = m_t W_hr^T`` gets a zero additive input per
+layer and direction, tapped: its gradient is ``dh_t``, and ``W_hr``'s per-example gradient is
+``sum_t dh_t^T m_t``.
 
 Outside the engine's recording (attacks, evaluation, torch.func transforms) the module's own
 fused forward runs. Inside it, the results equal the fused op's to rounding; with dropout
@@ -31,6 +35,7 @@ import torch.nn.functional as F
 from ..contributions import Dense, OuterProduct
 from ..registry import Rule, add_rule
 from ..tap import ModuleRecord, ParamRecord, tap
+from ._bptt import recurrence
 
 __all__ = []
 
@@ -38,43 +43,44 @@ __all__ = []
 class _GateRecord(ModuleRecord):
     """The input projection of one layer and direction (or one cell step)."""
 
-    __slots__ = ("w_ih", "w_hh", "b_ih", "b_hh", "h_prev", "reset", "hidden")
+    __slots__ = ("w_ih", "w_hh", "b_ih", "b_hh", "h_prev", "dgh", "hidden")
     kind = "recurrent"
 
     def __init__(self, engine, name, w_ih, w_hh, b_ih, b_hh, hidden: int):
         super().__init__(engine, name)
         self.w_ih, self.w_hh, self.b_ih, self.b_hh, self.hidden = w_ih, w_hh, b_ih, b_hh, hidden
-        self.h_prev = None  # [B, T, H_in_hh], set after the loop
-        self.reset = None   # GRU: [B, T, H] reset gates
+        self.h_prev = None  # [B, T, H_in_hh], set by the recurrence's forward
+        self.dgh = None     # GRU: [B, T, gates] gradient of gh, set by the recurrence's backward
 
     def contribute(self, dz: torch.Tensor, saved: tuple) -> None:
         (x,) = saved
         session = self.engine._session
-        if self.reset is None:
-            dgh = dz
-        else:
-            H = self.hidden
-            dgh = torch.cat([dz[..., :2 * H], dz[..., 2 * H:] * self.reset.to(dz.dtype)], -1)
+        dgh = dz if self.dgh is None else self.dgh.to(dz.dtype)
         if self.w_ih.requires_grad:
             session.add(self.w_ih, OuterProduct(x.to(dz.dtype), dz, self.w_ih.shape))
         if self.w_hh.requires_grad:
             session.add(self.w_hh, OuterProduct(self.h_prev.to(dz.dtype), dgh, self.w_hh.shape))
+        dz_sum = None
         if self.b_ih is not None and self.b_ih.requires_grad:
-            session.add(self.b_ih, Dense(dz.sum(1)))
+            dz_sum = dz.sum(1)
+            session.add(self.b_ih, Dense(dz_sum))
         if self.b_hh is not None and self.b_hh.requires_grad:
-            session.add(self.b_hh, Dense(dgh.sum(1)))
+            session.add(self.b_hh, Dense(dz_sum if dgh is dz and dz_sum is not None else dgh.sum(1)))
 
 
 class _ProjectionRecord(ParamRecord):
-    """One step's LSTM projection ``h_t = m_t W_hr^T``."""
+    """An LSTM projection ``h_t = m_t W_hr^T`` over all steps of one layer and direction; its
+    tapped tensor is the projection's zero additive input, whose gradient is ``dh_t``."""
 
-    __slots__ = ()
+    __slots__ = ("m",)
     kind = "LSTM projection"
 
+    def __init__(self, engine, name, param):
+        super().__init__(engine, name, param)
+        self.m = None  # [B, T, H], set by the recurrence's forward
+
     def contribute(self, grad: torch.Tensor, saved: tuple) -> None:
-        (m,) = saved
-        self.engine._session.add(self.param, OuterProduct(m.unsqueeze(1).to(grad.dtype), grad.unsqueeze(1),
-                                                          self.param.shape))
+        self.engine._session.add(self.param, OuterProduct(self.m.to(grad.dtype), grad, self.param.shape))
 
 
 def _mode(module) -> str:
@@ -85,28 +91,6 @@ def _mode(module) -> str:
     return "RNN_RELU" if module.nonlinearity == "relu" else "RNN_TANH"
 
 
-def _step(mode: str, gx_t, h, c, w_hh, b_hh, hidden: int):
-    """One recurrence step from the input projection ``gx_t``: ``(h_new, c_new, pre, reset)``
-    where ``pre`` is the LSTM's cell output before the projection."""
-    gh = F.linear(h, w_hh, b_hh)
-    if mode == "LSTM":
-        # One sigmoid over all four gates (the cell gate's is unused) and an addcmul: 10 autograd
-        # nodes a step instead of 13, which is most of the rule's cost at width 256 (small ops).
-        z = gx_t + gh
-        i, f, _, o = torch.sigmoid(z).chunk(4, -1)
-        H = hidden
-        c_new = torch.addcmul(f * c, i, torch.tanh(z[..., 2 * H:3 * H]))
-        return o * torch.tanh(c_new), c_new, None
-    if mode == "GRU":
-        H = hidden
-        r = torch.sigmoid(gx_t[..., :H] + gh[..., :H])
-        zg = torch.sigmoid(gx_t[..., H:2 * H] + gh[..., H:2 * H])
-        n = torch.tanh(gx_t[..., 2 * H:] + r * gh[..., 2 * H:])
-        return (1 - zg) * n + zg * h, None, r
-    z = gx_t + gh
-    return (torch.relu(z) if mode == "RNN_RELU" else torch.tanh(z)), None, None
-
-
 def _direction(engine, module, name, mode, x, h, c, layer: int, reverse: bool):
     """Runs one layer in one direction over ``x`` ``[B, T, in]``; returns outputs ``[B, T, H]``
     and the final states."""
@@ -115,26 +99,13 @@ def _direction(engine, module, name, mode, x, h, c, layer: int, reverse: bool):
     b_ih = getattr(module, "bias_ih" + sfx) if module.bias else None
     b_hh = getattr(module, "bias_hh" + sfx) if module.bias else None
     w_hr = getattr(module, "weight_hr" + sfx) if getattr(module, "proj_size", 0) > 0 else None
-    hidden = module.hidden_size
-    record = _GateRecord(engine, name, w_ih, w_hh, b_ih, b_hh, hidden)
+    record = _GateRecord(engine, name, w_ih, w_hh, b_ih, b_hh, module.hidden_size)
     gx = tap(record, (F.linear(x, w_ih, b_ih),), (x,))
-    # unbind, not gx[:, t]: the backward of T selects would write T zero-filled copies of gx
-    # (T^2 memory traffic, most of an LSTM step at T = 32); unbind's backward stacks once.
-    steps = gx.unbind(1)
-    T = x.shape[1]
-    outs, prev, resets = [None] * T, [None] * T, [None] * T
-    for t in (range(T - 1, -1, -1) if reverse else range(T)):
-        prev[t] = h
-        h, c, r = _step(mode, steps[t], h, c, w_hh, b_hh, hidden)
-        if w_hr is not None:
-            m = h
-            h = tap(_ProjectionRecord(engine, name, w_hr), (F.linear(m, w_hr),), (m,))
-        resets[t] = r
-        outs[t] = h
-    record.h_prev = torch.stack(prev, 1).detach()
-    if mode == "GRU":
-        record.reset = torch.stack(resets, 1).detach()
-    return torch.stack(outs, 1), h, c
+    projection = ph = None
+    if w_hr is not None:
+        projection = _ProjectionRecord(engine, name, w_hr)
+        ph = tap(projection, (x.new_zeros(x.shape[0], x.shape[1], w_hr.shape[0]),))
+    return recurrence(record, mode, module.hidden_size, reverse, gx, h, c, w_hh, b_hh, w_hr, ph, projection)
 
 
 def _rnn_forward(engine, module: nn.RNNBase, name: str, input, hx=None):
@@ -219,10 +190,7 @@ def _cell_forward(engine, module: nn.RNNCellBase, name: str, input, hx=None):
     b_hh = module.bias_hh if module.bias else None
     record = _GateRecord(engine, name, module.weight_ih, module.weight_hh, b_ih, b_hh, H)
     gx = tap(record, (F.linear(x, module.weight_ih, b_ih).unsqueeze(1),), (x.unsqueeze(1),))
-    record.h_prev = h.detach().unsqueeze(1)
-    h_new, c_new, r = _step(mode, gx[:, 0], h, c, module.weight_hh, b_hh, H)
-    if r is not None:
-        record.reset = r.detach().unsqueeze(1)
+    _, h_new, c_new = recurrence(record, mode, H, False, gx, h, c, module.weight_hh, b_hh)
     if not batched:
         h_new = h_new.squeeze(0)
         c_new = None if c_new is None else c_new.squeeze(0)
