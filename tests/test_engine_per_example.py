@@ -402,7 +402,7 @@ def test_pgd_attack_pauses_recording():
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
-def test_layers_sharing_an_output_gradient_share_its_norm_work(backend):
+def test_layers_sharing_an_output_gradient_share_its_norm_work(backend, monkeypatch):
     """Linear-like contributions whose output gradient is one tensor (an LSTM's W_ih and W_hh
     share dz) are normed together as ``dz^T [a_1 | a_2]``: the total equals the sum of the
     separate norms, also beside a layer with its own output gradient and a materialized one."""
@@ -424,5 +424,15 @@ def test_layers_sharing_an_output_gradient_share_its_norm_work(backend):
     per_example = [torch.einsum("bto,bti->boi", dz, a1), torch.einsum("bto,bti->boi", dz, a2),
                    torch.einsum("bto,bti->boi", b3, a3), dz.sum(1)]
     expected = sum(p.reshape(B, -1).pow(2).sum(1) for p in per_example)
+    calls = []
+    native = engm_fast.ops.per_example_sqnorms
+
+    def spy(a_list, b_list):
+        calls.append([(a.shape[-1], b.shape[-1]) for a, b in zip(a_list, b_list)])
+        return native(a_list, b_list)
+
+    monkeypatch.setattr(engm_fast.ops, "per_example_sqnorms", spy)
     with engm_fast.use_backend(backend):
         torch.testing.assert_close(grads.sqnorms(), expected, rtol=1e-12, atol=0)
+    # one layer of inputs 4 + 6 against dz, the unshared layer, the bias as [B, 7] x ones
+    assert calls == [[(10, 7), (2, 3), (7, 1)]]

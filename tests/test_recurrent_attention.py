@@ -134,28 +134,33 @@ def test_recurrent_forward_equals_torch_outside_and_inside_recording():
         engm_fast.release(m)
 
 
-@pytest.mark.parametrize("cls,kw", [(nn.RNN, dict(nonlinearity="relu")), (nn.RNN, {}), (nn.GRU, {}),
-                                    (nn.LSTM, {}), (nn.LSTM, dict(proj_size=3))],
-                         ids=["RNN-relu", "RNN-tanh", "GRU", "LSTM", "LSTM-proj"])
-def test_recurrent_plain_backward_through_a_recorded_forward(cls, kw):
+_MODES = [(nn.RNN, dict(nonlinearity="relu")), (nn.RNN, {}), (nn.GRU, {}), (nn.LSTM, {}), (nn.LSTM, dict(proj_size=3))]
+_MODE_IDS = ["RNN-relu", "RNN-tanh", "GRU", "LSTM", "LSTM-proj"]
+
+
+@pytest.mark.parametrize("cls,kw", _MODES, ids=_MODE_IDS)
+@pytest.mark.parametrize("layers,bidirectional", [(1, False), (2, True)])
+def test_recurrent_plain_backward_through_a_recorded_forward(cls, kw, layers, bidirectional):
     """A backward that is not the engine's (a user's ``loss.backward()`` while the engine is
     attached) through the rule's recurrence gives torch's gradients for every parameter, the input
     and the initial states, with gradients arriving at the outputs, ``h_n`` and ``c_n`` at once,
-    also after the outputs were changed in place."""
+    also after the outputs were changed in place (with one layer and direction they are the
+    recurrence node's own output)."""
     torch.manual_seed(0)
-    m = cls(4, 5, num_layers=2, bidirectional=True, batch_first=True, **kw).double()
-    plain = cls(4, 5, num_layers=2, bidirectional=True, batch_first=True, **kw).double()
+    m = cls(4, 5, num_layers=layers, bidirectional=bidirectional, batch_first=True, **kw).double()
+    plain = cls(4, 5, num_layers=layers, bidirectional=bidirectional, batch_first=True, **kw).double()
     plain.load_state_dict(m.state_dict())
-    H_out = kw.get("proj_size", 5)
+    H_out, LD, D = kw.get("proj_size", 5), layers * (2 if bidirectional else 1), 2 if bidirectional else 1
     x = torch.randn(3, 6, 4, dtype=DT)
-    h0 = torch.randn(4, 3, H_out, dtype=DT)
-    c0 = torch.randn(4, 3, 5, dtype=DT)
-    w_out, w_h, w_c = torch.randn(3, 6, 2 * H_out, dtype=DT), torch.randn(4, 3, H_out, dtype=DT), torch.randn(4, 3, 5, dtype=DT)
+    h0, c0 = torch.randn(LD, 3, H_out, dtype=DT), torch.randn(LD, 3, 5, dtype=DT)
+    w_out, w_h, w_c = torch.randn(3, 6, D * H_out, dtype=DT), torch.randn(LD, 3, H_out, dtype=DT), torch.randn(LD, 3, 5, dtype=DT)
 
-    def grads(module):
+    def grads(module, in_place):
         xs, hs, cs = (t.clone().requires_grad_() for t in (x, h0, c0))
         out, state = module(xs, (hs, cs) if cls is nn.LSTM else hs)
-        out = out.mul_(1.0)   # in place on the output: the backward must not depend on it
+        # in place on the output (the fused op's own backward needs its output, so the reference
+        # scales out of place)
+        out = out.mul_(2.0) if in_place else out * 2.0
         states = state if cls is nn.LSTM else (state,)
         loss = (out * w_out).sum() + (states[0] * w_h).sum() + ((states[1] * w_c).sum() if cls is nn.LSTM else 0)
         loss.backward()
@@ -164,14 +169,118 @@ def test_recurrent_plain_backward_through_a_recorded_forward(cls, kw):
 
     engm_fast.attach(m)
     try:
-        got, out = grads(m)
+        got, out = grads(m, True)
     finally:
         engm_fast.release(m)
-    ref, ref_out = grads(plain)
+    ref, ref_out = grads(plain, False)
     torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
     names = ["x", "h0", "c0"][:3 if cls is nn.LSTM else 2] + [n for n, _ in m.named_parameters()]
     for name, a, b in zip(names, got, ref):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda msg: f"{name}: {msg}")
+
+
+@pytest.mark.parametrize("cls,kw", _MODES, ids=_MODE_IDS)
+@pytest.mark.parametrize("reverse", [False, True])
+def test_recurrence_node_gradcheck(cls, kw, reverse):
+    """The hand-written backward through time of one layer and direction against finite
+    differences, for every input, with gradients at the states, h_T and c_T."""
+    from types import SimpleNamespace
+
+    from engm_fast.engine.rules._bptt import recurrence
+    from engm_fast.engine.rules.recurrent import _mode
+
+    mode = _mode(cls(2, 5, **kw))
+    B, T, H = 2, 3, 3
+    P = 2 if kw.get("proj_size") else 0
+    H_out = P or H
+    G = {"LSTM": 4, "GRU": 3}.get(mode, 1) * H
+    g = torch.Generator().manual_seed(1)
+
+    def rand(*shape):
+        return torch.randn(*shape, dtype=DT, generator=g).requires_grad_()
+
+    inputs = [rand(B, T, G), rand(B, H_out), rand(B, H) if mode == "LSTM" else None, rand(G, H_out), rand(G),
+              rand(P, H) if P else None, rand(B, T, P) if P else None]
+
+    def run(*args):
+        engine = SimpleNamespace(in_own_backward=lambda: False)
+        record, projection = SimpleNamespace(name="rnn", engine=engine), SimpleNamespace()
+        out, h, c = recurrence(record, mode, H, reverse, *args[:5], *args[5:], projection=projection)
+        return (out, h) if c is None else (out, h, c)
+
+    assert torch.autograd.gradcheck(run, tuple(inputs), atol=1e-7)
+
+
+@pytest.mark.parametrize("cls,kw", _MODES, ids=_MODE_IDS)
+def test_recurrent_edge_cases(cls, kw):
+    """An empty batch (a rank without examples), a second derivative (refused, naming the module
+    and the way out, which works), and CPU autocast (the states stay float32)."""
+    torch.manual_seed(0)
+    m = cls(4, 5, batch_first=True, **kw)
+    engine = engm_fast.attach(m)
+    try:
+        out, _ = m(torch.randn(0, 6, 4, requires_grad=True))
+        out.sum().backward()
+        assert all(p.grad is not None and not p.grad.any() for p in m.parameters())
+
+        x = torch.randn(3, 6, 4, requires_grad=True)
+        (gx,) = torch.autograd.grad(m(x)[0].pow(2).sum(), x, create_graph=True)
+        with pytest.raises(RuntimeError, match=r"module '<root>'.*second derivative.*paused"):
+            gx.sum().backward()
+        with engine.paused():
+            (gx,) = torch.autograd.grad(m(x)[0].pow(2).sum(), x, create_graph=True)
+            gx.sum().backward()
+
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, _ = m(x)
+        with engine.paused():
+            ref, _ = m(x)
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out, ref, rtol=0, atol=3e-2)
+    finally:
+        engm_fast.release(m)
+
+
+class LearnedInitialState(nn.Module):
+    """A recurrent layer whose initial states are learned: looked up per example from a one-row
+    Embedding (supported), or a parameter expanded to the batch (refused)."""
+
+    def __init__(self, cls, per_example: bool):
+        super().__init__()
+        self.rnn, self.lstm, self.per_example = cls(3, 5, num_layers=2, batch_first=True), cls is nn.LSTM, per_example
+        if per_example:
+            self.h0, self.c0 = nn.Embedding(1, 2 * 5), nn.Embedding(1, 2 * 5)
+        else:
+            self.h0 = nn.Parameter(torch.randn(2, 1, 5))
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, x):
+        B = x.shape[0]
+        if self.per_example:
+            ids = torch.zeros(B, dtype=torch.long)
+            h0 = self.h0(ids).view(B, 2, 5).transpose(0, 1)
+            c0 = self.c0(ids).view(B, 2, 5).transpose(0, 1) if self.lstm else None
+            if c0 is None:
+                x = x + 0 * self.c0(ids)[:, None, :3]
+        else:
+            h0 = self.h0.expand(2, B, 5)
+            c0 = torch.zeros_like(h0)
+        out, _ = self.rnn(x, (h0, c0) if self.lstm else h0)
+        return self.head(out).pow(2).sum((1, 2))
+
+
+@pytest.mark.parametrize("cls", [nn.RNN, nn.LSTM, nn.GRU])
+def test_learned_initial_states(cls):
+    B = 3
+    x = torch.randn(B, 4, 3, dtype=DT)
+    _check(LearnedInitialState(cls, True), lambda m, i: m(x[i]), B)
+    model = LearnedInitialState(cls, False).to(DT)
+    engm_fast.attach(model)
+    try:
+        with pytest.raises(NotImplementedError, match=r"module 'rnn' .*initial states computed from parameters alone"):
+            engm_fast.per_example_grad_norms(model, model(x))
+    finally:
+        engm_fast.release(model)
 
 
 def test_packed_sequence_is_refused_by_name():

@@ -547,6 +547,11 @@ class PerExampleEngine(SharedOps):
         finally:
             self._suspended = previous
 
+    def in_own_backward(self) -> bool:
+        """Whether the running backward pass is this engine's own: it asks autograd for its
+        anchor's gradient alone, so records complete and no parameter gradient is wanted."""
+        return self._session is not None and not self._nested
+
     @contextlib.contextmanager
     def nested(self):
         """A record's own autograd pass inside the engine's backward: taps only pass through."""

@@ -120,7 +120,7 @@ class _Tap(torch.autograd.Function):
         record = ctx.record
         saved = ctx.saved_tensors
         engine = record.engine
-        if engine._session is not None and not engine._nested:
+        if engine.in_own_backward():
             engine._complete(record, grads, saved)
         return (None, None) + grads + (None,) * len(saved)
 

@@ -7,7 +7,8 @@ nodes per step, and beside the two GEMMs a step needs, their dispatch, the chunk
 and the per-step saved tensors cost as much as the GEMMs (the README's LSTM benchmark notes have
 the before and after). Here the forward is a loop of in-place ops into preallocated
 ``[B, T, .]`` buffers, the step-independent parts of the backward are computed once over all
-steps, and each backward step is one GEMM and three or four elementwise ops.
+steps, and each backward step is one GEMM (two with a projection) and two to five elementwise
+ops.
 
 Inputs (batch first):
 
@@ -25,15 +26,22 @@ rule's record what the per-example gradients need: ``h_prev`` ``[B, T, H_out]`` 
 step read) and, for a projection, ``m`` (its inputs) on the projection's record; for GRU the
 backward leaves ``dgh`` (the gradient of ``h W_hh^T + b_hh``, which differs from ``dz``).
 
-Parameter gradients (``w_hh``, ``b_hh``, ``w_hr``) are computed only for a backward that is
-not the engine's own (the engine asks for its anchor's gradient alone and builds the weighted
-sums from the per-example terms; a user's ``loss.backward()`` through a recorded forward gets
-ordinary gradients). The node is once differentiable.
+The recurrence runs in the widest dtype of ``gx`` and the initial states (under autocast the
+projection may be bfloat16 while the states are float32: the cell state then accumulates in
+float32, as torch's promotion did for the per-step ops).
+
+A gradient (``h0``, ``c0``, ``w_hh``, ``b_hh``, ``w_hr``, ``ph``) is computed only when the
+running backward pass may use it (:func:`_will_use`): the engine's own backward asks for its
+anchor alone and builds the weighted sums from the per-example terms; a user's
+``loss.backward()`` through a recorded forward gets ordinary gradients.
+
+The node is once differentiable: a second derivative through it (``create_graph=True``, then
+differentiating the result) raises, naming the module; the module's own fused op, with the
+engine's recording paused, supports it.
 """
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
 __all__ = ["recurrence"]
 
@@ -45,14 +53,53 @@ def _previous(states: torch.Tensor, first: torch.Tensor, reverse: bool) -> torch
     return torch.cat([states[:, 1:], first], 1) if reverse else torch.cat([first, states[:, :-1]], 1)
 
 
+def _will_use(ctx) -> list[bool]:
+    """Per tensor input of the node (in the forward's order, ``None`` inputs excluded), whether
+    the running backward pass will use its gradient. ``needs_input_grad`` is fixed at forward
+    time (a weight's is True even in a pass that asks only for an input's gradient), so this asks
+    autograd (``_will_engine_execute_node``, as torch's multi-grad hooks do). Autograd cannot tell
+    for a leaf during ``autograd.grad``: then a parameter's gradient is wanted unless the pass is
+    the engine's own (which asks for its anchor alone)."""
+    own = ctx.record.engine.in_own_backward()
+    use = []
+    for fn, _ in ctx.next_functions:
+        if fn is None:
+            use.append(False)
+            continue
+        try:
+            use.append(torch._C._will_engine_execute_node(fn))
+        except RuntimeError:   # a leaf during autograd.grad
+            use.append(not own)
+    return use
+
+
+def _refuse_second_derivative(name: str, grads: tuple) -> tuple:
+    """``grads`` routed through a node that raises, naming the module, if differentiated (as
+    ``torch.autograd.function.once_differentiable`` does, with a message that says what to do)."""
+    err = torch._C._functions.DelayedError(
+        (f"module '{name}': a second derivative through a recurrent layer while engm_fast records it is not "
+         "supported (its backward through time is hand-written); compute it with the recording paused: "
+         "`with engm_fast.engine_of(model).paused(): ...`").encode(), len(grads))
+
+    def alias(g):
+        if g is None:
+            return None
+        g = g.detach()
+        g.requires_grad = True
+        return g
+    return err(*[alias(g) for g in grads])
+
+
 class _Recurrence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, record, projection, mode, hidden, reverse, gx, h0, c0, w_hh, b_hh, w_hr, ph):
+        gx_in = gx
         with torch.autocast(gx.device.type, enabled=False):
-            dtype = gx.dtype
+            dtype = torch.promote_types(gx.dtype, h0.dtype if c0 is None else torch.promote_types(h0.dtype, c0.dtype))
+            gx = gx.to(dtype)
             B, T, G = gx.shape
             H = hidden
-            w_hh_t = w_hh.to(dtype).t()
+            w_hh_t = w_hh.to(dtype).t().contiguous()   # 5% faster per-step GEMMs than the transposed view
             h = h0.to(dtype)
             out = gx.new_empty(B, T, h.shape[1])
             steps = range(T - 1, -1, -1) if reverse else range(T)
@@ -72,7 +119,7 @@ class _Recurrence(torch.autograd.Function):
                     torch.tanh(torch.addcmul(x_t[:, 2 * H:], a[:, :H], gh_t[:, 2 * H:]), out=a[:, 2 * H:])
                     # h_t = (1 - u) n + u h_{t-1} = lerp(n, h_{t-1}, u)
                     h = torch.lerp(a[:, 2 * H:], h, a[:, H:2 * H], out=out_s[t])
-                saved = (acts, gh[..., 2 * H:])
+                saved = (acts, gh[..., 2 * H:].clone())   # the r and u parts are not needed: freed
             elif mode == "LSTM":
                 # tanh(x) = 2 sigmoid(2x) - 1 (ATen's CPU tanh costs about 3x a sigmoid per
                 # element): with the cell gate's pre-activations doubled, one sigmoid covers all
@@ -119,26 +166,33 @@ class _Recurrence(torch.autograd.Function):
             h_last = out[:, 0 if reverse else T - 1].clone()
             c_last = c.clone() if mode == "LSTM" else None
         ctx.set_materialize_grads(False)   # unused outputs (often all states but h_T) get no zero tensors
-        ctx.mode, ctx.hidden, ctx.reverse, ctx.record = mode, hidden, reverse, record
-        ctx.dtypes = (gx.dtype, h0.dtype, None if c0 is None else c0.dtype)
-        ctx.has = (b_hh is not None, w_hr is not None, ph is not None)
+        ctx.mode, ctx.hidden, ctx.reverse, ctx.record, ctx.dtype = mode, hidden, reverse, record, dtype
+        # the tensor inputs in the order of ctx.next_functions, and their dtypes for the gradients
+        ctx.inputs = [(k, t.dtype) for k, t in zip(("gx", "h0", "c0", "w_hh", "b_hh", "w_hr", "ph"),
+                                                   (gx_in, h0, c0, w_hh, b_hh, w_hr, ph)) if t is not None]
         ctx.save_for_backward(w_hh, w_hr, h_prev, *saved)
         if c_last is None:
             return out, h_last
         return out, h_last, c_last
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx, g_out, g_h, g_c=None):
-        mode, H, reverse, engine = ctx.mode, ctx.hidden, ctx.reverse, ctx.record.engine
+    def backward(ctx, *grads):
+        with torch.no_grad():
+            out = _Recurrence._backward(ctx, *grads)
+        if torch.is_grad_enabled() and any(g is not None and g.requires_grad for g in grads):  # create_graph
+            return out[:5] + _refuse_second_derivative(ctx.record.name, out[5:])
+        return out
+
+    @staticmethod
+    def _backward(ctx, g_out, g_h, g_c=None):
+        mode, H, reverse, dtype = ctx.mode, ctx.hidden, ctx.reverse, ctx.dtype
         w_hh, w_hr, h_prev, *saved = ctx.saved_tensors
-        dtype = ctx.dtypes[0]
-        B, T, _ = h_prev.shape
+        B, T, H_out = h_prev.shape
         G = w_hh.shape[0]
         order = range(T) if reverse else range(T - 1, -1, -1)   # backward visits the steps last-first
-        engine_backward = engine._session is not None and not engine._nested
-        need = ctx.needs_input_grad
-        with torch.autocast(h_prev.device.type, enabled=False), torch.no_grad():
+        last = order[-1] if T else None   # its state gradient is h0's
+        use = dict(zip((k for k, _ in ctx.inputs), _will_use(ctx)))
+        with torch.autocast(h_prev.device.type, enabled=False):
             w = w_hh.to(dtype)
             dz = h_prev.new_empty(B, T, G)
             dh = h_prev.new_zeros(B, h_prev.shape[2]) if g_h is None else g_h.to(dtype)
@@ -157,6 +211,7 @@ class _Recurrence(torch.autograd.Function):
                 torch.mul(_previous(cells, c0, reverse), sig[:, :, 1], out=q[:, :, 1])
                 torch.addcmul(i, i * g, g, value=-1, out=q[:, :, 2])
                 torch.mul(tanh_c, sig[:, :, 3], out=q[:, :, 3])
+                del sig   # [B, T, 4H]: not held through the loop
                 dc = torch.zeros_like(c0) if g_c is None else g_c.to(dtype)
                 if w_hr is not None:
                     w_r = w_hr.to(dtype)
@@ -179,7 +234,8 @@ class _Recurrence(torch.autograd.Function):
                     torch.mul(dc.unsqueeze(1), q3_s[t], out=dz3_s[t])
                     torch.mul(dm.unsqueeze(1), qo_s[t], out=dzo_s[t])
                     dc = dc * f_s[t]
-                    dh = dz_s[t] @ w
+                    if t != last or use.get("h0"):
+                        dh = dz_s[t] @ w
                 d_c0 = dc
                 dgh = dz
             elif mode == "GRU":
@@ -207,7 +263,8 @@ class _Recurrence(torch.autograd.Function):
                     d = dh.unsqueeze(1)
                     torch.mul(d, to_dz_s[t], out=dz3_s[t])
                     torch.mul(d, to_dgh_s[t], out=dgh3_s[t])
-                    dh = torch.addmm(dh * u_s[t], dgh_s[t], w)
+                    if t != last or use.get("h0"):
+                        dh = torch.addmm(dh * u_s[t], dgh_s[t], w)
                 ctx.record.dgh = dgh   # the record's W_hh and b_hh terms (it runs after this node)
                 d_c0 = None
             else:
@@ -217,23 +274,24 @@ class _Recurrence(torch.autograd.Function):
                 for t in order:
                     if g_out_s is not None:
                         dh = dh + g_out_s[t]
-                    dh = torch.mul(dh, dact_s[t], out=dz_s[t]) @ w
+                    torch.mul(dh, dact_s[t], out=dz_s[t])
+                    if t != last or use.get("h0"):
+                        dh = dz_s[t] @ w
                 d_c0 = None
                 dgh = dz
             d_w_hh = d_b_hh = d_w_hr = None
-            if not engine_backward:   # the engine's own backward builds these from per-example terms
-                flat = dgh.reshape(B * T, G)
-                if need[8]:
-                    d_w_hh = (flat.t() @ h_prev.reshape(B * T, -1)).to(w_hh.dtype)
-                if ctx.has[0] and need[9]:
-                    d_b_hh = flat.sum(0).to(w_hh.dtype)
-                if w_hr is not None and need[10]:
-                    d_w_hr = (d_ph.reshape(B * T, -1).t() @ m[0].reshape(B * T, H)).to(w_hr.dtype)
-        d_gx = dz.to(ctx.dtypes[0])
-        d_h0 = dh.to(ctx.dtypes[1]) if need[6] else None
-        d_c0 = d_c0.to(ctx.dtypes[2]) if d_c0 is not None and need[7] else None
-        d_ph = d_ph if ctx.has[2] and need[11] else None
-        return None, None, None, None, None, d_gx, d_h0, d_c0, d_w_hh, d_b_hh, d_w_hr, d_ph
+            flat = dgh.reshape(B * T, G)
+            if use.get("w_hh"):
+                d_w_hh = flat.t() @ h_prev.reshape(B * T, H_out)
+            if use.get("b_hh"):
+                d_b_hh = flat.sum(0)
+            if use.get("w_hr"):
+                d_w_hr = d_ph.reshape(B * T, H_out).t() @ m[0].reshape(B * T, H)
+        grads = dict(gx=dz, h0=dh if use.get("h0") else None, c0=d_c0, w_hh=d_w_hh, b_hh=d_b_hh, w_hr=d_w_hr,
+                     ph=d_ph)
+        dtypes = dict(ctx.inputs)
+        return (None,) * 5 + tuple(None if grads[k] is None or not use.get(k) else grads[k].to(dtypes[k])
+                                   for k in ("gx", "h0", "c0", "w_hh", "b_hh", "w_hr", "ph"))
 
 
 def recurrence(record, mode: str, hidden: int, reverse: bool, gx, h0, c0, w_hh, b_hh, w_hr=None, ph=None,

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from ..contributions import Dense, OuterProduct
 from ..registry import Rule, add_rule
+from ..shared import SharedTensor
 from ..tap import ModuleRecord, ParamRecord, tap
 from ._bptt import recurrence
 
@@ -43,12 +44,12 @@ __all__ = []
 class _GateRecord(ModuleRecord):
     """The input projection of one layer and direction (or one cell step)."""
 
-    __slots__ = ("w_ih", "w_hh", "b_ih", "b_hh", "h_prev", "dgh", "hidden")
+    __slots__ = ("w_ih", "w_hh", "b_ih", "b_hh", "h_prev", "dgh")
     kind = "recurrent"
 
-    def __init__(self, engine, name, w_ih, w_hh, b_ih, b_hh, hidden: int):
+    def __init__(self, engine, name, w_ih, w_hh, b_ih, b_hh):
         super().__init__(engine, name)
-        self.w_ih, self.w_hh, self.b_ih, self.b_hh, self.hidden = w_ih, w_hh, b_ih, b_hh, hidden
+        self.w_ih, self.w_hh, self.b_ih, self.b_hh = w_ih, w_hh, b_ih, b_hh
         self.h_prev = None  # [B, T, H_in_hh], set by the recurrence's forward
         self.dgh = None     # GRU: [B, T, gates] gradient of gh, set by the recurrence's backward
 
@@ -99,13 +100,33 @@ def _direction(engine, module, name, mode, x, h, c, layer: int, reverse: bool):
     b_ih = getattr(module, "bias_ih" + sfx) if module.bias else None
     b_hh = getattr(module, "bias_hh" + sfx) if module.bias else None
     w_hr = getattr(module, "weight_hr" + sfx) if getattr(module, "proj_size", 0) > 0 else None
-    record = _GateRecord(engine, name, w_ih, w_hh, b_ih, b_hh, module.hidden_size)
+    record = _GateRecord(engine, name, w_ih, w_hh, b_ih, b_hh)
     gx = tap(record, (F.linear(x, w_ih, b_ih),), (x,))
     projection = ph = None
     if w_hr is not None:
         projection = _ProjectionRecord(engine, name, w_hr)
         ph = tap(projection, (x.new_zeros(x.shape[0], x.shape[1], w_hr.shape[0]),))
     return recurrence(record, mode, module.hidden_size, reverse, gx, h, c, w_hh, b_hh, w_hr, ph, projection)
+
+
+def _initial_states(engine, module, name: str, hx, batched: bool) -> list:
+    """``hx`` (``[L * D, B, H]``, or ``[L * D, H]`` for an unbatched input) as one batched
+    ``[B, H]`` tensor per layer and direction, each made batched with the batch first (in ``hx``
+    the batch is dim 1; an Embedding output looked up per example, then unsqueezed, is found as
+    batched this way)."""
+    states = []
+    for k in range(hx.shape[0]):
+        h = hx[k] if batched else hx[k].unsqueeze(0)
+        if isinstance(h, SharedTensor) and not h._maybe_batched:
+            # A state computed from parameters alone, the same for every example: expanded to
+            # the batch by the caller, it cannot be told from the batch (dim 0 here is B).
+            raise NotImplementedError(
+                f"module '{name}' ({type(module).__name__}): initial states computed from parameters alone (the "
+                "same for every example, such as a learned h0 expanded to the batch) are not supported by "
+                "engm_fast. Make them per-example first, e.g. a learned state as nn.Embedding(1, hidden) looked "
+                "up with torch.zeros(B, dtype=torch.long), then .unsqueeze(0)")
+        states.append(engine.batched(h))
+    return states
 
 
 def _rnn_forward(engine, module: nn.RNNBase, name: str, input, hx=None):
@@ -132,13 +153,9 @@ def _rnn_forward(engine, module: nn.RNNBase, name: str, input, hx=None):
             h0 = x.new_zeros(L * D, B, H_out)
             c0 = x.new_zeros(L * D, B, module.hidden_size)
         else:
-            h0, c0 = (engine.batched(t) for t in hx)
-            if not batched:
-                h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
+            h0, c0 = (_initial_states(engine, module, name, t, batched) for t in hx)
     else:
-        h0 = x.new_zeros(L * D, B, H_out) if hx is None else engine.batched(hx)
-        if hx is not None and not batched:
-            h0 = h0.unsqueeze(1)
+        h0 = x.new_zeros(L * D, B, H_out) if hx is None else _initial_states(engine, module, name, hx, batched)
         c0 = None
     layer_in = x
     hn, cn = [], []
@@ -188,7 +205,7 @@ def _cell_forward(engine, module: nn.RNNCellBase, name: str, input, hx=None):
             h = h.unsqueeze(0)
     b_ih = module.bias_ih if module.bias else None
     b_hh = module.bias_hh if module.bias else None
-    record = _GateRecord(engine, name, module.weight_ih, module.weight_hh, b_ih, b_hh, H)
+    record = _GateRecord(engine, name, module.weight_ih, module.weight_hh, b_ih, b_hh)
     gx = tap(record, (F.linear(x, module.weight_ih, b_ih).unsqueeze(1),), (x.unsqueeze(1),))
     _, h_new, c_new = recurrence(record, mode, H, False, gx, h, c, module.weight_hh, b_hh)
     if not batched:
