@@ -268,3 +268,26 @@ def _run(rank, world):
 
 def test_ddp_engm_equals_single_process_engm():
     run_local_group(_run, WORLD)  # a 60 s process group timeout: a hang fails the test instead of blocking it
+
+
+def _abort_on_last_rank(rank, world):
+    dist.barrier()
+    if rank == world - 1:
+        import os
+        import signal
+        os.kill(os.getpid(), signal.SIGABRT)
+    dist.barrier()
+
+
+def _raise_on_rank_zero(rank, world):
+    if rank == 0:
+        raise ValueError("rank zero failed")
+
+
+def test_local_group_reports_failures():
+    """A rank that dies from a signal before its function returned, or raises, fails the run:
+    only an abort after every rank's function returned (a teardown crash) is tolerated."""
+    with pytest.raises(torch.multiprocessing.ProcessExitedException, match="SIGABRT"):
+        run_local_group(_abort_on_last_rank, 2, timeout_s=20.0)
+    with pytest.raises(torch.multiprocessing.ProcessRaisedException, match="rank zero failed"):
+        run_local_group(_raise_on_rank_zero, 2, timeout_s=20.0)

@@ -10,7 +10,10 @@ and tests/test_fsdp.py run it)::
 from __future__ import annotations
 
 import datetime
+import os
 import socket
+import sys
+import tempfile
 from collections.abc import Callable
 
 import torch
@@ -28,17 +31,32 @@ def run_local_group(fn: Callable, world: int, *args, timeout_s: float = 60.0) ->
     process group's timeout: a collective some rank never joins fails after it instead of
     blocking forever.
     """
-    mp.spawn(_entry, args=(fn, world, _free_port(), timeout_s, args), nprocs=world, join=True)
+    with tempfile.TemporaryDirectory() as done_dir:
+        try:
+            mp.spawn(_entry, args=(fn, world, _free_port(), timeout_s, args, done_dir), nprocs=world, join=True)
+        except mp.ProcessExitedException as exc:
+            # A process that finished fn and then died from a signal while tearing down: an
+            # intermittent C++ abort ("terminate called without an active exception") after every
+            # scenario had passed, seen in 2 of about 15 full test runs on the 2-core CI machine.
+            # Every rank's fn returned, so the run passed; anything else is raised.
+            if exc.signal_name is None or len(os.listdir(done_dir)) != world:
+                raise
 
 
-def _entry(rank: int, fn: Callable, world: int, port: int, timeout_s: float, args: tuple) -> None:
+def _entry(rank: int, fn: Callable, world: int, port: int, timeout_s: float, args: tuple, done_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=timeout_s))
     try:
         fn(rank, world, *args)
+        open(os.path.join(done_dir, str(rank)), "w").close()
     finally:
         dist.destroy_process_group()
+    # Leave without the interpreter's teardown (where the abort above comes from, in the
+    # destructors of threads the process group and autograd leave behind); fn's result is known.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _free_port() -> int:
