@@ -29,16 +29,17 @@ def run_local_group(fn: Callable, world: int, *args, timeout_s: float = 60.0) ->
 
     ``fn`` and ``args`` must be picklable (``fn`` a module-level function). ``timeout_s`` is the
     process group's timeout: a collective some rank never joins fails after it instead of
-    blocking forever.
+    blocking forever. A rank leaves with ``os._exit(0)`` once ``fn`` returned (``atexit``
+    handlers do not run there).
     """
     with tempfile.TemporaryDirectory() as done_dir:
         try:
             mp.spawn(_entry, args=(fn, world, _free_port(), timeout_s, args, done_dir), nprocs=world, join=True)
         except mp.ProcessExitedException as exc:
-            # A process that finished fn and then died from a signal while tearing down: an
-            # intermittent C++ abort ("terminate called without an active exception") after every
-            # scenario had passed, seen in 2 of about 15 full test runs on the 2-core CI machine.
-            # Every rank's fn returned, so the run passed; anything else is raised.
+            # A rank died from a signal: an intermittent C++ abort ("terminate called without an
+            # active exception", a joinable thread destroyed) with no failed assertion in the log,
+            # seen in 2 of about 15 full test runs on the 2-core CI machine. If every rank's fn
+            # had returned, the run passed; anything else is raised.
             if exc.signal_name is None or len(os.listdir(done_dir)) != world:
                 raise
 
@@ -52,8 +53,8 @@ def _entry(rank: int, fn: Callable, world: int, port: int, timeout_s: float, arg
         open(os.path.join(done_dir, str(rank)), "w").close()
     finally:
         dist.destroy_process_group()
-    # Leave without the interpreter's teardown (where the abort above comes from, in the
-    # destructors of threads the process group and autograd leave behind); fn's result is known.
+    # Leave without the interpreter's teardown, the likely site of that abort (destructors of
+    # threads the process group and autograd leave behind); fn's result is known by now.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
