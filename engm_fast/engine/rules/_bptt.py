@@ -93,14 +93,14 @@ def _refuse_second_derivative(name: str, grads: tuple) -> tuple:
 class _Recurrence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, record, projection, mode, hidden, reverse, gx, h0, c0, w_hh, b_hh, w_hr, ph):
-        gx_in = gx
+        gx_in, h0_in, c0_in = gx, h0, c0   # their dtypes are the gradients'
         with torch.autocast(gx.device.type, enabled=False):
             dtype = torch.promote_types(gx.dtype, h0.dtype if c0 is None else torch.promote_types(h0.dtype, c0.dtype))
             gx = gx.to(dtype)
             B, T, G = gx.shape
             H = hidden
             w_hh_t = w_hh.to(dtype).t().contiguous()   # 5% faster per-step GEMMs than the transposed view
-            h = h0.to(dtype)
+            h = h0 = h0.to(dtype)
             out = gx.new_empty(B, T, h.shape[1])
             steps = range(T - 1, -1, -1) if reverse else range(T)
             if mode == "GRU":
@@ -138,7 +138,7 @@ class _Recurrence(torch.autograd.Function):
                 i_s, f_s, g_s, o_s = (v.unbind(1) for v in acts.unflatten(-1, (4, H)).unbind(2))
                 out_s = out.unbind(1)
                 ph_s = None if ph is None else ph.to(dtype).unbind(1)
-                c = c0.to(dtype)
+                c = c0 = c0.to(dtype)
                 for t in steps:
                     z = torch.addmm(gx_s[t], h, w_hh_t)
                     z = z.mul_(scale) if bias is None else torch.addcmul(bias, z, scale, out=z)
@@ -149,7 +149,7 @@ class _Recurrence(torch.autograd.Function):
                     h = torch.mul(o_s[t], tc, out=m_s[t])
                     if w_hr is not None:
                         h = torch.addmm(ph_s[t], h, w_hr_t, out=out_s[t])
-                saved = (acts, cells, tanh_c, c0.to(dtype))
+                saved = (acts, cells, tanh_c, c0)
                 if w_hr is not None:
                     projection.m = m
                     saved = saved + (m,)
@@ -161,7 +161,7 @@ class _Recurrence(torch.autograd.Function):
                     h = torch.clamp_min(z, 0, out=out_s[t]) if mode == "RNN_RELU" else torch.tanh(z, out=out_s[t])
                 # the activation's derivative, from the outputs (which the caller may change in place)
                 saved = ((out > 0).to(dtype) if mode == "RNN_RELU" else 1 - out * out,)
-            h_prev = _previous(out, h0.to(dtype), reverse)
+            h_prev = _previous(out, h0, reverse)
             record.h_prev = h_prev
             h_last = out[:, 0 if reverse else T - 1].clone()
             c_last = c.clone() if mode == "LSTM" else None
@@ -169,7 +169,7 @@ class _Recurrence(torch.autograd.Function):
         ctx.mode, ctx.hidden, ctx.reverse, ctx.record, ctx.dtype = mode, hidden, reverse, record, dtype
         # the tensor inputs in the order of ctx.next_functions, and their dtypes for the gradients
         ctx.inputs = [(k, t.dtype) for k, t in zip(("gx", "h0", "c0", "w_hh", "b_hh", "w_hr", "ph"),
-                                                   (gx_in, h0, c0, w_hh, b_hh, w_hr, ph)) if t is not None]
+                                                   (gx_in, h0_in, c0_in, w_hh, b_hh, w_hr, ph)) if t is not None]
         ctx.save_for_backward(w_hh, w_hr, h_prev, *saved)
         if c_last is None:
             return out, h_last
