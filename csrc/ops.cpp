@@ -62,4 +62,21 @@ TORCH_LIBRARY(engm_fast, m) {
       "sgd_momentum_update_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
       "float lr, float momentum, float dampening, float weight_decay, bool nesterov, "
       "bool first_step) -> ()");
+  // One layer and direction of an LSTM over a sequence: a layer, not a per-example reduction,
+  // so its contract, reference and tolerances are in engm_fast/ops/lstm.py (CPU kernel only). gx: [B, T, 4H], the input projection with b_ih; h0: [B, H_out]; c0: [B, H];
+  // w_hh: [4H, H_out]; with a projection (proj_size) w_hr: [H_out, H] and ph: [B, T, H_out], its
+  // additive input. Returns the states h_t [B, T, H_out], the gates after their activations
+  // [B, T, 4H], the cells c_t and tanh(c_t) [B, T, H], and the projection's inputs m_t [B, T, H]
+  // (a 0-element tensor without a projection: m_t are the states).
+  m.def(
+      "lstm_recurrence(Tensor gx, Tensor h0, Tensor c0, Tensor w_hh, Tensor? b_hh, Tensor? w_hr, Tensor? ph, "
+      "bool reverse) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Its backward through time: the gradients of gx (dz, [B, T, 4H]), h0 ([B, H_out], a 0-element
+  // tensor unless need_h0), c0 ([B, H]) and ph ([B, T, H_out], 0-element without a projection),
+  // from the gradients of the states, h_T and c_T (each optional: absent is zero) and what the
+  // forward returned.
+  m.def(
+      "lstm_recurrence_backward(Tensor? grad_states, Tensor? grad_h, Tensor? grad_c, Tensor w_hh, Tensor? w_hr, "
+      "Tensor acts, Tensor cells, Tensor tanh_cells, Tensor c0, bool reverse, bool need_h0) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
 }

@@ -77,6 +77,15 @@ def test_recurrent_layers(cls, batch_first, layers, bidirectional, bias, initial
     _recurrent_case(cls, batch_first, layers, bidirectional, bias, initial, proj, head_on)
 
 
+@pytest.mark.parametrize(_RNN_ARGS, [c for c in _rnn_cases(False) if c[0] is nn.LSTM],
+                         ids=lambda v: getattr(v, "__name__", str(v)))
+def test_lstm_layers_on_the_reference_recurrence(cls, batch_first, layers, bidirectional, bias, initial, proj, head_on):
+    """The LSTM's recurrence runs a C++ kernel on CPU tensors and its pure-PyTorch reference on
+    other devices: the reference through the engine, here on the CPU with the "torch" backend."""
+    with engm_fast.use_backend("torch"):
+        _recurrent_case(cls, batch_first, layers, bidirectional, bias, initial, proj, head_on)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(_RNN_ARGS, list(_rnn_cases(True)), ids=lambda v: getattr(v, "__name__", str(v)))
 def test_recurrent_layers_all_configurations(cls, batch_first, layers, bidirectional, bias, initial, proj, head_on):
@@ -179,9 +188,15 @@ def test_recurrent_plain_backward_through_a_recorded_forward(cls, kw, layers, bi
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda msg: f"{name}: {msg}")
 
 
-@pytest.mark.parametrize("cls,kw", _MODES, ids=_MODE_IDS)
+# The LSTM's recurrence has two implementations: the C++ kernel ("auto" on the CPU) and its
+# reference (the "torch" backend, and every other device); the others have one.
+_NODE_CASES = [pytest.param(cls, kw, backend, id=f"{name}-{backend}") for (cls, kw), name in zip(_MODES, _MODE_IDS)
+               for backend in (("auto", "torch") if cls is nn.LSTM else ("auto",))]
+
+
+@pytest.mark.parametrize("cls,kw,backend", _NODE_CASES)
 @pytest.mark.parametrize("reverse", [False, True])
-def test_recurrence_node_gradcheck(cls, kw, reverse):
+def test_recurrence_node_gradcheck(cls, kw, backend, reverse):
     """The hand-written backward through time of one layer and direction against finite
     differences, for every input, with gradients at the states, h_T and c_T."""
     from types import SimpleNamespace
@@ -208,7 +223,8 @@ def test_recurrence_node_gradcheck(cls, kw, reverse):
         out, h, c = recurrence(record, mode, H, reverse, *args[:5], *args[5:], projection=projection)
         return (out, h) if c is None else (out, h, c)
 
-    assert torch.autograd.gradcheck(run, tuple(inputs), atol=1e-7)
+    with engm_fast.use_backend(backend):
+        assert torch.autograd.gradcheck(run, tuple(inputs), atol=1e-7)
 
 
 @pytest.mark.parametrize("cls,kw", _MODES, ids=_MODE_IDS)

@@ -7,6 +7,9 @@
 * :func:`per_example_sqnorms` ``(a_list, b_list, modes=None) -> [B]`` and
   :func:`weighted_outer_sums_` ``(a_list, b_list, w, out_list)``: the first two over a list of
   layers in one call (the engine's per-step finalize).
+* :func:`lstm_recurrence` and :func:`lstm_recurrence_backward`: one LSTM layer and direction
+  over a sequence, forward and backward through time (:mod:`engm_fast.ops.lstm`, which has its
+  own contract, reference and backends: a C++ CPU kernel, the reference elsewhere).
 
 Backends: ``"torch"`` runs :mod:`engm_fast.reference`; ``"cpu"`` / ``"cuda"`` the native
 ``torch.ops.engm_fast.*``; ``"triton"`` ``torch.ops.engm_fast_triton.*`` (:mod:`engm_fast.triton`).
@@ -31,9 +34,10 @@ import torch
 
 from .. import _backend, reference
 from ..reference import accumulation_dtype
+from .lstm import lstm_recurrence, lstm_recurrence_backward
 
 __all__ = ["per_example_sqnorm", "weighted_outer_sum", "sgd_momentum_update_", "per_example_sqnorms",
-           "weighted_outer_sums_"]
+           "weighted_outer_sums_", "lstm_recurrence", "lstm_recurrence_backward"]
 
 if _backend._NATIVE:
     # Shape/dtype functions so the native ops work under torch.compile and fake tensors.

@@ -5,10 +5,12 @@ The recurrent rule needs ``dz_t``, the gradient of every step's gate pre-activat
 torch's fused recurrent ops do not expose. Written with autograd, the recurrence is about ten
 nodes per step, and beside the two GEMMs a step needs, their dispatch, the chunk/stack copies
 and the per-step saved tensors cost as much as the GEMMs (the README's LSTM benchmark notes have
-the before and after). Here the forward is a loop of in-place ops into preallocated
-``[B, T, .]`` buffers, the step-independent parts of the backward are computed once over all
-steps, and each backward step is one GEMM (two with a projection) and two to five elementwise
-ops.
+the before and after). The LSTM's recurrence is an op each way,
+:func:`engm_fast.ops.lstm_recurrence` and its backward: a C++ kernel on CPU tensors (one GEMM
+and one fused pass over the gates per step), its pure-PyTorch reference elsewhere. For GRU and
+RNN the forward here is a loop of in-place ops into preallocated ``[B, T, .]`` buffers, the
+step-independent parts of the backward are computed once over all steps, and each backward
+step is one GEMM and two or three elementwise ops.
 
 Inputs (batch first):
 
@@ -43,14 +45,10 @@ from __future__ import annotations
 
 import torch
 
+from ... import ops
+from ...ops.lstm import previous_states
+
 __all__ = ["recurrence"]
-
-
-def _previous(states: torch.Tensor, first: torch.Tensor, reverse: bool) -> torch.Tensor:
-    """``[B, T, d]``: the state each step read: ``first`` for the first step in time order of the
-    direction, otherwise the neighbouring step's state."""
-    first = first.unsqueeze(1)
-    return torch.cat([states[:, 1:], first], 1) if reverse else torch.cat([first, states[:, :-1]], 1)
 
 
 def _will_use(ctx) -> list[bool]:
@@ -99,69 +97,48 @@ class _Recurrence(torch.autograd.Function):
             gx = gx.to(dtype)
             B, T, G = gx.shape
             H = hidden
-            w_hh_t = w_hh.to(dtype).t().contiguous()   # 5% faster per-step GEMMs than the transposed view
             h = h0 = h0.to(dtype)
-            out = gx.new_empty(B, T, h.shape[1])
-            steps = range(T - 1, -1, -1) if reverse else range(T)
-            if mode == "GRU":
-                # The hidden part of the new gate is scaled by the reset gate, so b_hh stays in gh.
-                gh = gx.new_empty(B, T, G)
-                acts = gx.new_empty(B, T, G)
-                bias = None if b_hh is None else b_hh.to(dtype)
-                gh_s, acts_s, gx_s, out_s = (v.unbind(1) for v in (gh, acts, gx, out))
-                for t in steps:
-                    gh_t, a, x_t = gh_s[t], acts_s[t], gx_s[t]
-                    if bias is None:
-                        torch.mm(h, w_hh_t, out=gh_t)
-                    else:
-                        torch.addmm(bias, h, w_hh_t, out=gh_t)
-                    torch.sigmoid(x_t[:, :2 * H] + gh_t[:, :2 * H], out=a[:, :2 * H])
-                    torch.tanh(torch.addcmul(x_t[:, 2 * H:], a[:, :H], gh_t[:, 2 * H:]), out=a[:, 2 * H:])
-                    # h_t = (1 - u) n + u h_{t-1} = lerp(n, h_{t-1}, u)
-                    h = torch.lerp(a[:, 2 * H:], h, a[:, H:2 * H], out=out_s[t])
-                saved = (acts, gh[..., 2 * H:].clone())   # the r and u parts are not needed: freed
-            elif mode == "LSTM":
-                # tanh(x) = 2 sigmoid(2x) - 1 (ATen's CPU tanh costs about 3x a sigmoid per
-                # element): with the cell gate's pre-activations doubled, one sigmoid covers all
-                # four gates, and tanh(c_t) is a sigmoid too. The doubling and b_hh go into one
-                # multiply-add per step, not a pass over all of gx.
-                scale = gx.new_ones(G)
-                scale[2 * H:3 * H] = 2
-                bias = None if b_hh is None else b_hh.to(dtype) * scale
-                acts = gx.new_empty(B, T, G)   # i, f, g, o after their activations
-                cells = gx.new_empty(B, T, H)
-                tanh_c = gx.new_empty(B, T, H)
-                m = out if w_hr is None else gx.new_empty(B, T, H)
-                w_hr_t = None if w_hr is None else w_hr.to(dtype).t()
-                # per-step views, made once (unbind is one call for all steps)
-                gx_s, acts_s, cells_s, tanh_s, m_s = (v.unbind(1) for v in (gx, acts, cells, tanh_c, m))
-                i_s, f_s, g_s, o_s = (v.unbind(1) for v in acts.unflatten(-1, (4, H)).unbind(2))
-                out_s = out.unbind(1)
-                ph_s = None if ph is None else ph.to(dtype).unbind(1)
-                c = c0 = c0.to(dtype)
-                for t in steps:
-                    z = torch.addmm(gx_s[t], h, w_hh_t)
-                    z = z.mul_(scale) if bias is None else torch.addcmul(bias, z, scale, out=z)
-                    torch.sigmoid(z, out=acts_s[t])
-                    g = g_s[t].mul_(2).sub_(1)
-                    c = torch.mul(f_s[t], c, out=cells_s[t]).addcmul_(i_s[t], g)
-                    tc = torch.sigmoid(c * 2, out=tanh_s[t]).mul_(2).sub_(1)
-                    h = torch.mul(o_s[t], tc, out=m_s[t])
-                    if w_hr is not None:
-                        h = torch.addmm(ph_s[t], h, w_hr_t, out=out_s[t])
+            if mode == "LSTM":
+                # the C++ kernel on CPU (float32 / float64), its reference elsewhere (engm_fast.ops.lstm)
+                c0 = c0.to(dtype)
+                out, acts, cells, tanh_c, m = ops.lstm_recurrence(
+                    gx, h0, c0, w_hh.to(dtype), None if b_hh is None else b_hh.to(dtype),
+                    None if w_hr is None else w_hr.to(dtype), None if ph is None else ph.to(dtype), reverse)
+                c = cells[:, 0 if reverse else T - 1] if T else c0
                 saved = (acts, cells, tanh_c, c0)
                 if w_hr is not None:
                     projection.m = m
                     saved = saved + (m,)
             else:
-                pre = gx if b_hh is None else gx + b_hh.to(dtype)   # b_hh folded in once
-                pre_s, out_s = pre.unbind(1), out.unbind(1)
-                for t in steps:
-                    z = torch.addmm(pre_s[t], h, w_hh_t)
-                    h = torch.clamp_min(z, 0, out=out_s[t]) if mode == "RNN_RELU" else torch.tanh(z, out=out_s[t])
-                # the activation's derivative, from the outputs (which the caller may change in place)
-                saved = ((out > 0).to(dtype) if mode == "RNN_RELU" else 1 - out * out,)
-            h_prev = _previous(out, h0, reverse)
+                w_hh_t = w_hh.to(dtype).t().contiguous()   # 5% faster per-step GEMMs than the transposed view
+                out = gx.new_empty(B, T, h.shape[1])
+                steps = range(T - 1, -1, -1) if reverse else range(T)
+                if mode == "GRU":
+                    # The hidden part of the new gate is scaled by the reset gate, so b_hh stays in gh.
+                    gh = gx.new_empty(B, T, G)
+                    acts = gx.new_empty(B, T, G)
+                    bias = None if b_hh is None else b_hh.to(dtype)
+                    gh_s, acts_s, gx_s, out_s = (v.unbind(1) for v in (gh, acts, gx, out))
+                    for t in steps:
+                        gh_t, a, x_t = gh_s[t], acts_s[t], gx_s[t]
+                        if bias is None:
+                            torch.mm(h, w_hh_t, out=gh_t)
+                        else:
+                            torch.addmm(bias, h, w_hh_t, out=gh_t)
+                        torch.sigmoid(x_t[:, :2 * H] + gh_t[:, :2 * H], out=a[:, :2 * H])
+                        torch.tanh(torch.addcmul(x_t[:, 2 * H:], a[:, :H], gh_t[:, 2 * H:]), out=a[:, 2 * H:])
+                        # h_t = (1 - u) n + u h_{t-1} = lerp(n, h_{t-1}, u)
+                        h = torch.lerp(a[:, 2 * H:], h, a[:, H:2 * H], out=out_s[t])
+                    saved = (acts, gh[..., 2 * H:].clone())   # the r and u parts are not needed: freed
+                else:
+                    pre = gx if b_hh is None else gx + b_hh.to(dtype)   # b_hh folded in once
+                    pre_s, out_s = pre.unbind(1), out.unbind(1)
+                    for t in steps:
+                        z = torch.addmm(pre_s[t], h, w_hh_t)
+                        h = torch.clamp_min(z, 0, out=out_s[t]) if mode == "RNN_RELU" else torch.tanh(z, out=out_s[t])
+                    # the activation's derivative, from the outputs (which the caller may change in place)
+                    saved = ((out > 0).to(dtype) if mode == "RNN_RELU" else 1 - out * out,)
+            h_prev = previous_states(out, h0, reverse)
             record.h_prev = h_prev
             h_last = out[:, 0 if reverse else T - 1].clone()
             c_last = c.clone() if mode == "LSTM" else None
@@ -194,91 +171,59 @@ class _Recurrence(torch.autograd.Function):
         use = dict(zip((k for k, _ in ctx.inputs), _will_use(ctx)))
         with torch.autocast(h_prev.device.type, enabled=False):
             w = w_hh.to(dtype)
-            dz = h_prev.new_empty(B, T, G)
-            dh = h_prev.new_zeros(B, h_prev.shape[2]) if g_h is None else g_h.to(dtype)
-            d_ph = None
             if mode == "LSTM":
                 acts, cells, tanh_c, c0, *m = saved
-                i, f, g, o = acts.unflatten(-1, (4, H)).unbind(2)
-                # Step-independent factors, over all steps at once:
-                # dc_t = dc_{t+1} f_{t+1} + dm_t o_t (1 - tanh(c_t)^2)
-                # dz_i, dz_f, dz_g = dc_t * (g i(1-i), c_{t-1} f(1-f), i (1-g^2)); dz_o = dm_t * tanh(c_t) o(1-o)
-                # (x - x y^2 and x - x^2 as one addcmul each: these passes over [B, T, 4H] are memory bound)
-                dm_to_dc = torch.addcmul(o, o * tanh_c, tanh_c, value=-1)
-                sig = torch.addcmul(acts, acts, acts, value=-1).unflatten(-1, (4, H))
-                q = torch.empty_like(sig)   # [B, T, 4, H]
-                torch.mul(g, sig[:, :, 0], out=q[:, :, 0])
-                torch.mul(_previous(cells, c0, reverse), sig[:, :, 1], out=q[:, :, 1])
-                torch.addcmul(i, i * g, g, value=-1, out=q[:, :, 2])
-                torch.mul(tanh_c, sig[:, :, 3], out=q[:, :, 3])
-                del sig   # [B, T, 4H]: not held through the loop
-                dc = torch.zeros_like(c0) if g_c is None else g_c.to(dtype)
-                if w_hr is not None:
-                    w_r = w_hr.to(dtype)
-                    d_ph = h_prev.new_empty(h_prev.shape)
-                # per-step views, made once
-                dz_s = dz.unbind(1)
-                dz3_s, dzo_s = (v.unbind(1) for v in dz.view(B, T, 4, H).split([3, 1], 2))
-                q3_s, qo_s = (v.unbind(1) for v in q.split([3, 1], 2))
-                to_dc_s, f_s = dm_to_dc.unbind(1), f.unbind(1)
-                g_out_s = None if g_out is None else g_out.to(dtype).unbind(1)
-                for t in order:
-                    if g_out_s is not None:
-                        dh = dh + g_out_s[t]
-                    if w_hr is not None:
-                        d_ph[:, t] = dh
-                        dm = dh @ w_r
-                    else:
-                        dm = dh
-                    dc = torch.addcmul(dc, dm, to_dc_s[t])
-                    torch.mul(dc.unsqueeze(1), q3_s[t], out=dz3_s[t])
-                    torch.mul(dm.unsqueeze(1), qo_s[t], out=dzo_s[t])
-                    dc = dc * f_s[t]
-                    if t != last or use.get("h0"):
-                        dh = dz_s[t] @ w
-                d_c0 = dc
+                dz, dh, d_c0, d_ph = ops.lstm_recurrence_backward(
+                    None if g_out is None else g_out.to(dtype), None if g_h is None else g_h.to(dtype),
+                    None if g_c is None else g_c.to(dtype), w, None if w_hr is None else w_hr.to(dtype),
+                    acts, cells, tanh_c, c0, reverse, bool(use.get("h0")))
+                d_ph = None if w_hr is None else d_ph
                 dgh = dz
-            elif mode == "GRU":
-                acts, gh_n = saved
-                r, u, n = acts.unflatten(-1, (3, H)).unbind(2)
-                # dz_t = dh_t * [(1-u)(1-n^2) gh_n r(1-r), (h_{t-1} - n) u(1-u), (1-u)(1-n^2)]; the
-                # hidden part of the new gate (dgh_n) is dz_n * r.
-                # (x - x y^2 and x - x^2 as one addcmul each: these passes are memory bound)
-                to_dz = h_prev.new_empty(B, T, 3, H)
-                dr, du, dn = to_dz.unbind(2)
-                keep = 1 - u
-                torch.addcmul(keep, keep * n, n, value=-1, out=dn)
-                torch.mul(dn * gh_n, torch.addcmul(r, r, r, value=-1), out=dr)
-                torch.mul(h_prev - n, torch.addcmul(u, u, u, value=-1), out=du)
-                to_dgh = torch.empty_like(to_dz)
-                to_dgh[:, :, :2] = to_dz[:, :, :2]
-                torch.mul(dn, r, out=to_dgh[:, :, 2])
-                dgh = h_prev.new_empty(B, T, G)
-                dz3_s, dgh3_s = (v.view(B, T, 3, H).unbind(1) for v in (dz, dgh))
-                to_dz_s, to_dgh_s, u_s, dgh_s = to_dz.unbind(1), to_dgh.unbind(1), u.unbind(1), dgh.unbind(1)
-                g_out_s = None if g_out is None else g_out.to(dtype).unbind(1)
-                for t in order:
-                    if g_out_s is not None:
-                        dh = dh + g_out_s[t]
-                    d = dh.unsqueeze(1)
-                    torch.mul(d, to_dz_s[t], out=dz3_s[t])
-                    torch.mul(d, to_dgh_s[t], out=dgh3_s[t])
-                    if t != last or use.get("h0"):
-                        dh = torch.addmm(dh * u_s[t], dgh_s[t], w)
-                ctx.record.dgh = dgh   # the record's W_hh and b_hh terms (it runs after this node)
-                d_c0 = None
             else:
-                (dact,) = saved
-                dact_s, dz_s = dact.unbind(1), dz.unbind(1)
-                g_out_s = None if g_out is None else g_out.to(dtype).unbind(1)
-                for t in order:
-                    if g_out_s is not None:
-                        dh = dh + g_out_s[t]
-                    torch.mul(dh, dact_s[t], out=dz_s[t])
-                    if t != last or use.get("h0"):
-                        dh = dz_s[t] @ w
-                d_c0 = None
-                dgh = dz
+                d_ph = None
+                dz = h_prev.new_empty(B, T, G)
+                dh = h_prev.new_zeros(B, h_prev.shape[2]) if g_h is None else g_h.to(dtype)
+                if mode == "GRU":
+                    acts, gh_n = saved
+                    r, u, n = acts.unflatten(-1, (3, H)).unbind(2)
+                    # dz_t = dh_t * [(1-u)(1-n^2) gh_n r(1-r), (h_{t-1} - n) u(1-u), (1-u)(1-n^2)]; the
+                    # hidden part of the new gate (dgh_n) is dz_n * r.
+                    # (x - x y^2 and x - x^2 as one addcmul each: these passes are memory bound)
+                    to_dz = h_prev.new_empty(B, T, 3, H)
+                    dr, du, dn = to_dz.unbind(2)
+                    keep = 1 - u
+                    torch.addcmul(keep, keep * n, n, value=-1, out=dn)
+                    torch.mul(dn * gh_n, torch.addcmul(r, r, r, value=-1), out=dr)
+                    torch.mul(h_prev - n, torch.addcmul(u, u, u, value=-1), out=du)
+                    to_dgh = torch.empty_like(to_dz)
+                    to_dgh[:, :, :2] = to_dz[:, :, :2]
+                    torch.mul(dn, r, out=to_dgh[:, :, 2])
+                    dgh = h_prev.new_empty(B, T, G)
+                    dz3_s, dgh3_s = (v.view(B, T, 3, H).unbind(1) for v in (dz, dgh))
+                    to_dz_s, to_dgh_s, u_s, dgh_s = to_dz.unbind(1), to_dgh.unbind(1), u.unbind(1), dgh.unbind(1)
+                    g_out_s = None if g_out is None else g_out.to(dtype).unbind(1)
+                    for t in order:
+                        if g_out_s is not None:
+                            dh = dh + g_out_s[t]
+                        d = dh.unsqueeze(1)
+                        torch.mul(d, to_dz_s[t], out=dz3_s[t])
+                        torch.mul(d, to_dgh_s[t], out=dgh3_s[t])
+                        if t != last or use.get("h0"):
+                            dh = torch.addmm(dh * u_s[t], dgh_s[t], w)
+                    ctx.record.dgh = dgh   # the record's W_hh and b_hh terms (it runs after this node)
+                    d_c0 = None
+                else:
+                    (dact,) = saved
+                    dact_s, dz_s = dact.unbind(1), dz.unbind(1)
+                    g_out_s = None if g_out is None else g_out.to(dtype).unbind(1)
+                    for t in order:
+                        if g_out_s is not None:
+                            dh = dh + g_out_s[t]
+                        torch.mul(dh, dact_s[t], out=dz_s[t])
+                        if t != last or use.get("h0"):
+                            dh = dz_s[t] @ w
+                    d_c0 = None
+                    dgh = dz
             d_w_hh = d_b_hh = d_w_hr = None
             flat = dgh.reshape(B * T, G)
             if use.get("w_hh"):
