@@ -104,13 +104,17 @@ def triton_ops():
 
 
 @functools.lru_cache(maxsize=None)
-def _native_has(dispatch_key: str) -> bool:
-    """Whether the extension registered kernels for ``dispatch_key`` ("CPU", "CUDA"). Cached: it
-    registers them once, when imported above, and the dispatcher query costs ~8 us, paid on every
-    op call otherwise."""
+def _native_has(dispatch_key: str, op: str = "per_example_sqnorm") -> bool:
+    """Whether the extension registered a kernel of ``engm_fast::op`` for ``dispatch_key`` ("CPU",
+    "CUDA"); False also when the loaded extension does not define the op at all (a build older
+    than the package's Python code). Cached: it registers them once, when imported above, and
+    the dispatcher query costs ~8 us, paid on every op call otherwise."""
     if not _NATIVE:
         return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key("engm_fast::per_example_sqnorm", dispatch_key)
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"engm_fast::{op}", dispatch_key)
+    except RuntimeError:  # "operator ... does not exist"
+        return False
 
 
 def available_backends() -> tuple[str, ...]:

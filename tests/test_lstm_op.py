@@ -13,6 +13,9 @@ from the same (rounded) inputs, at most ``engm_fast.ops.lstm.TOLERANCE[dtype]``.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import textwrap
 import zlib
 
 import pytest
@@ -43,8 +46,10 @@ def backend(request):
     return _backend(*request.param)
 
 
-# B, T, H, H_out (H_out != H: a projection), odd sizes; B = 0 and T = 0 are the empty cases.
-SHAPES = [(5, 7, 6, 6), (3, 11, 9, 4), (1, 1, 3, 3), (4, 6, 17, 17), (0, 5, 4, 4), (3, 0, 4, 4), (2, 0, 5, 3)]
+# B, T, H, H_out (H_out != H: a projection), odd sizes; B = 0 and T = 0 are the empty cases. At
+# H = 64 the kernel's fused passes take 8 batch rows per thread chunk, so B = 9 splits in two.
+SHAPES = [(5, 7, 6, 6), (3, 11, 9, 4), (1, 1, 3, 3), (4, 6, 17, 17), (0, 5, 4, 4), (3, 0, 4, 4), (2, 0, 5, 3),
+          (9, 3, 64, 64), (9, 2, 64, 40)]
 
 
 def _inputs(B, T, H, H_out, bias, dtype, device, seed):
@@ -132,38 +137,103 @@ def test_lstm_recurrence_matches_float64_autograd(backend, dtype, reverse, bias,
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-def test_lstm_recurrence_equals_torch_lstm(backend, dtype):
-    """The states and final cell equal torch's fused LSTM (oneDNN / ATen on CPU, cuDNN on CUDA)."""
+@pytest.mark.parametrize("proj_size", [0, 4])
+def test_lstm_recurrence_equals_torch_lstm(backend, dtype, proj_size):
+    """The states and final cells of both directions equal torch's fused bidirectional LSTM
+    (oneDNN / ATen on CPU, cuDNN on CUDA), with and without a projection."""
     name, device = backend
     torch.manual_seed(3)
-    lstm = torch.nn.LSTM(7, 10, batch_first=True).to(device, dtype)
-    x, h0, c0 = (torch.randn(s, device=device, dtype=dtype) for s in ((4, 9, 7), (1, 4, 10), (1, 4, 10)))
+    lstm = torch.nn.LSTM(7, 10, batch_first=True, bidirectional=True, proj_size=proj_size).to(device, dtype)
+    H_out = proj_size or 10
+    x, h0, c0 = (torch.randn(s, device=device, dtype=dtype) for s in ((4, 9, 7), (2, 4, H_out), (2, 4, 10)))
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         expected, (h_n, c_n) = lstm(x, (h0, c0))
-        gx = torch.nn.functional.linear(x, lstm.weight_ih_l0, lstm.bias_ih_l0)
-        with engm_fast.use_backend(name):
-            states, _, cells, _, _ = engm_fast.ops.lstm_recurrence(gx, h0[0], c0[0], lstm.weight_hh_l0,
-                                                                   lstm.bias_hh_l0)
-    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(states, expected, **tol)
-    torch.testing.assert_close(cells[:, -1], c_n[0], **tol)
+        for d, sfx in enumerate(("", "_reverse")):
+            w = {k: getattr(lstm, f"{k}_l0{sfx}") for k in ("weight_ih", "bias_ih", "weight_hh", "bias_hh")}
+            gx = torch.nn.functional.linear(x, w["weight_ih"], w["bias_ih"])
+            w_hr = getattr(lstm, f"weight_hr_l0{sfx}") if proj_size else None
+            ph = x.new_zeros(4, 9, H_out) if proj_size else None
+            with engm_fast.use_backend(name):
+                states, _, cells, _, _ = engm_fast.ops.lstm_recurrence(gx, h0[d], c0[d], w["weight_hh"], w["bias_hh"],
+                                                                       w_hr, ph, reverse=d == 1)
+            torch.testing.assert_close(states, expected[..., d * H_out:(d + 1) * H_out], **tol)
+            torch.testing.assert_close(cells[:, 0 if d else -1], c_n[d], **tol)
 
 
-def test_lstm_recurrence_backward_without_h0_and_gradients(backend):
+@pytest.mark.parametrize("H_out", [4, 3], ids=["plain", "projection"])
+def test_lstm_recurrence_backward_without_h0_and_gradients(backend, H_out):
     """need_h0=False returns a 0-element h0 gradient (its GEMM is skipped) and the other results
     unchanged; absent output gradients count as zero."""
     name, device = backend
-    args, grads = _inputs(3, 5, 4, 4, True, torch.float64, device, 7)
+    args, grads = _inputs(3, 5, 4, H_out, True, torch.float64, device, 7)
     with engm_fast.use_backend(name):
         _, acts, cells, tanh_cells, _ = engm_fast.ops.lstm_recurrence(**args)
-        common = (args["w_hh"], None, acts, cells, tanh_cells, args["c0"])
+        common = (args["w_hh"], args["w_hr"], acts, cells, tanh_cells, args["c0"])
         full = engm_fast.ops.lstm_recurrence_backward(None, grads["grad_h"], None, *common, need_h0=True)
         part = engm_fast.ops.lstm_recurrence_backward(None, grads["grad_h"], None, *common, need_h0=False)
         zero = engm_fast.ops.lstm_recurrence_backward(torch.zeros_like(grads["grad_states"]), grads["grad_h"],
                                                       torch.zeros_like(grads["grad_c"]), *common, need_h0=True)
     assert part[1].numel() == 0
-    for a, b in ((full[0], part[0]), (full[2], part[2]), (full[0], zero[0]), (full[1], zero[1]), (full[2], zero[2])):
-        torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-15)
+    for k in (0, 2, 3):
+        torch.testing.assert_close(full[k], part[k], rtol=1e-14, atol=1e-15)
+    for k in range(4):
+        torch.testing.assert_close(full[k], zero[k], rtol=1e-14, atol=1e-15)
+
+
+def test_lstm_recurrence_strided_and_expanded_inputs(backend):
+    """Non-contiguous arguments (transposed weights, slices of larger states, the expanded
+    zero-stride gradients that ``out.sum().backward()`` hands over) give the contiguous results
+    (to float32 rounding: BLAS may sum in another order for another layout)."""
+    name, device = backend
+    args, grads = _inputs(3, 5, 6, 4, True, torch.float32, device, 12)
+
+    def strided(v):  # the same values, not contiguous
+        if v.dim() == 1:
+            return torch.stack([v, v], 1)[:, 0]
+        if v.dim() == 2:
+            return v.t().contiguous().t()
+        return v.transpose(0, 1).contiguous().transpose(0, 1)
+    strided = {k: None if v is None else strided(v) for k, v in args.items()}
+    strided["h0"] = torch.cat([args["h0"], args["h0"]], 1)[:, :4]
+    assert not strided["w_hh"].is_contiguous() and not strided["gx"].is_contiguous()
+    expanded = dict(grad_states=torch.ones(1, 1, 1, device=device).expand(3, 5, 4),
+                    grad_h=torch.ones(1, 1, device=device).expand(3, 4), grad_c=torch.ones(1, device=device).expand(3, 6))
+    with engm_fast.use_backend(name):
+        want = engm_fast.ops.lstm_recurrence(**args, reverse=True)
+        got = engm_fast.ops.lstm_recurrence(**strided, reverse=True)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        back = [engm_fast.ops.lstm_recurrence_backward(*g, args["w_hh"], args["w_hr"], *want[1:4], args["c0"],
+                                                       reverse=True)
+                for g in (expanded.values(), [t.contiguous() for t in expanded.values()])]
+    for a, b in zip(*back):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_lstm_kernel_baseline_instruction_set():
+    """On an AVX2 machine the kernel runs its AVX2 + FMA passes; ENGM_FAST_CPU_ISA=baseline makes
+    it run the baseline ones (what CPUs without AVX2 run), checked here against the reference in
+    a fresh process (the choice is read once per process)."""
+    _kernel()
+    script = textwrap.dedent("""
+        import sys, torch, zlib
+        sys.path.insert(0, {tests!r})
+        import test_lstm_op as t
+        for shape in ((9, 7, 64, 64), (4, 5, 12, 5)):
+            args, grads = t._inputs(*shape, True, torch.float32, "cpu", zlib.crc32(repr(shape).encode()))
+            outs_true, grads_true = t._truth(args, grads, False)
+            outs = torch.ops.engm_fast.lstm_recurrence(*args.values(), False)
+            back = torch.ops.engm_fast.lstm_recurrence_backward(*grads.values(), args["w_hh"], args["w_hr"],
+                                                                *outs[1:4], args["c0"], False, True)
+            errs = [t._deviation(a, b) for a, b in zip(outs[:4], outs_true)]
+            errs += [t._deviation(a, b) for a, b in zip(back, grads_true)]
+            assert max(errs) <= t.lstm_op.TOLERANCE[torch.float32], errs
+        print("ok")
+    """).format(tests=os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "ENGM_FAST_CPU_ISA": "baseline"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stdout + done.stderr
 
 
 def test_lstm_recurrence_checks_its_arguments(backend):
@@ -176,12 +246,21 @@ def test_lstm_recurrence_checks_its_arguments(backend):
             engm_fast.ops.lstm_recurrence(**{**args, "c0": args["c0"][:2]})
         with pytest.raises(ValueError, match="w_hr and ph come together"):
             engm_fast.ops.lstm_recurrence(**{**args, "w_hr": torch.zeros(4, 4, device=device)})
-        with pytest.raises(TypeError, match="h0 is torch.float64"):
+        with pytest.raises(TypeError, match="h0 is torch.float64 .* gx's torch.float32"):
             engm_fast.ops.lstm_recurrence(**{**args, "h0": args["h0"].double()})
         _, acts, cells, tanh_cells, _ = engm_fast.ops.lstm_recurrence(**args)
-        with pytest.raises(ValueError, match=r"grad_h must be \[3, 4\]"):
+        with pytest.raises(ValueError, match=r"lstm_recurrence_backward: grad_h must be \[3, 4\]"):
             engm_fast.ops.lstm_recurrence_backward(None, torch.zeros(3, 5, device=device), None, args["w_hh"], None,
                                                    acts, cells, tanh_cells, args["c0"])
+        with pytest.raises(ValueError, match=r"lstm_recurrence_backward: acts must be \[B, T, 4H\]"):
+            engm_fast.ops.lstm_recurrence_backward(None, None, None, args["w_hh"], None, acts[0], cells, tanh_cells,
+                                                   args["c0"])
+        with pytest.raises(TypeError, match="cells must be a tensor"):
+            engm_fast.ops.lstm_recurrence_backward(None, None, None, args["w_hh"], None, acts, None, tanh_cells,
+                                                   args["c0"])
+        with pytest.raises(TypeError, match="grad_c is torch.float64 .* acts's torch.float32"):
+            engm_fast.ops.lstm_recurrence_backward(None, None, torch.zeros(3, 4, dtype=torch.float64, device=device),
+                                                   args["w_hh"], None, acts, cells, tanh_cells, args["c0"])
 
 
 def _kernel():
@@ -205,6 +284,14 @@ def test_lstm_kernel_checks_what_it_indexes():
     with pytest.raises(RuntimeError, match="grad_c must be"):
         k.lstm_recurrence_backward(None, None, torch.zeros(3, 3), args["w_hh"], args["w_hr"], acts, cells,
                                    tanh_cells, args["c0"], False, True)
+
+
+def test_lstm_ops_are_registered_for_cuda():
+    """Without a CUDA kernel the ops are registered for CUDA with the reference, so that
+    torch.ops.engm_fast.* is complete on every device (CI checks every op of the wheel)."""
+    _kernel()
+    for op in ("lstm_recurrence", "lstm_recurrence_backward"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"engm_fast::{op}", "CUDA"), op
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)

@@ -31,7 +31,8 @@
 // tanh costs about 3x a sigmoid on this machine). float64 uses std::exp and std::tanh: it is the
 // dtype the exactness tests run in, and it is not the fast path. On x86-64 the fused passes are
 // compiled twice, for the baseline ISA and for AVX2 + FMA, and the AVX2 one is chosen at run
-// time when the CPU has it (8 floats per instruction instead of 4).
+// time when the CPU has it (8 floats per instruction instead of 4; ENGM_FAST_CPU_ISA=baseline
+// forces the baseline one, for tests).
 //
 // Threading: each fused pass splits the batch rows between threads with at::parallel_for (rows
 // are independent); the GEMMs run between the passes with ATen's own threading.
@@ -45,6 +46,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <optional>
 #include <tuple>
@@ -57,7 +59,8 @@ namespace {
 #if defined(__GNUC__) || defined(__clang__)
 // The row functions are inlined into each ISA's wrapper, so each is compiled for that ISA.
 #define ENGM_FAST_ALWAYS_INLINE inline __attribute__((always_inline))
-#if defined(__x86_64__)
+// Not under clang-cl (_MSC_VER): __builtin_cpu_supports needs compiler-rt, which it does not link.
+#if defined(__x86_64__) && !defined(_MSC_VER)
 #define ENGM_FAST_X86_AVX2_CLONE 1
 #endif
 #else
@@ -76,12 +79,14 @@ inline int64_t rows_per_chunk(int64_t H) {
 // Cephes' expf: exp(x) = 2^n exp(r), n = round(x / ln 2) (rounded by adding and subtracting
 // 1.5 * 2^23: no branch, so the loops vectorize), r = x - n ln 2 (ln 2 split in two constants so
 // that n ln 2 is exact), exp(r) a degree-5 polynomial. At most 1.35 ulp from exp over
-// [-87, 88] (measured on a grid of step 1e-3); clamped there so that 2^n stays a normal float
-// (sigmoid saturates long before: it is 1 in float32 from x = 17 on).
+// [-87, 87] (measured on a grid of step 1e-3). Clamped there: 2^n stays a normal float, and so
+// does the smallest sigmoid, 1 / (1 + e^87) = 1.6e-38 (a subnormal gate would put every product
+// with it on x86's slow path; the sigmoid is 1 in float32 from x = 17 on anyway).
 ENGM_FAST_ALWAYS_INLINE float exp_poly(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
-  constexpr float kRound = 12582912.0f;
-  const float n = (x * 1.44269504088896341f + kRound) - kRound;
+  x = std::min(std::max(x, -87.0f), 87.0f);  // a NaN passes through, and the result is NaN
+  constexpr float kRound = 12582912.0f;      // 1.5 * 2^23, bits 0x4B400000
+  const float shifted = x * 1.44269504088896341f + kRound;
+  const float n = shifted - kRound;
   const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
@@ -90,7 +95,11 @@ ENGM_FAST_ALWAYS_INLINE float exp_poly(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  // 2^n from the integer n in the low bits of `shifted`, in unsigned arithmetic (defined for any
+  // input, a NaN included; no float-to-int conversion)
+  uint32_t shifted_bits;
+  std::memcpy(&shifted_bits, &shifted, sizeof shifted_bits);
+  const uint32_t bits = (shifted_bits - 0x4B400000u + 127u) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof scale);
   return p * scale;
@@ -212,8 +221,16 @@ __attribute__((target("avx2,fma"))) void forward_rows_avx2(const ForwardStep<flo
 __attribute__((target("avx2,fma"))) void backward_rows_avx2(const BackwardStep<float>& s, int64_t r0, int64_t r1) {
   backward_rows(s, r0, r1);
 }
+// Whether to run the AVX2 + FMA passes: when the CPU has both, unless ENGM_FAST_CPU_ISA=baseline
+// is set (read once; the tests use it to run the baseline passes on an AVX2 machine).
 bool cpu_has_avx2_fma() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool has = [] {
+    const char* isa = std::getenv("ENGM_FAST_CPU_ISA");
+    if (isa != nullptr && std::strcmp(isa, "baseline") == 0) {
+      return false;
+    }
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
   return has;
 }
 #endif
