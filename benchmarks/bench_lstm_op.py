@@ -2,46 +2,36 @@
 reference, and the forward against torch's fused LSTM (oneDNN on this CPU), which the recurrent
 rule cannot use (it exposes no per-step gate gradient) but which is the floor to aim at.
 
-Per shape (B, T, H; one layer and direction, float32), median milliseconds over paired rounds
-(round-robin in one process, so drift hits all alike):
+Per shape (B, T, H; one layer and direction, float32), median milliseconds over rounds
+(engm_fast.bench.measure.round_robin_times: every function ``--iters`` times per round, the
+order rotating, in one process, so drift hits all alike):
 
 * forward: reference, kernel, and ``torch.lstm`` ("fused"). The fused op computes the input
   projection ``gx`` itself, which the other two are given: it runs on ``x`` and the time of that
   projection alone (``F.linear``) is subtracted;
 * backward: reference and kernel (the GEMM per step, dz_t W_hh, is in both).
 
-    python benchmarks/bench_lstm_op.py [--rounds 7] [--threads N] [--out FILE]
+    python benchmarks/bench_lstm_op.py [--rounds 7] [--iters 5] [--threads N] [--out FILE]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import statistics
-import time
 
 import torch
 
 from engm_fast import _backend
+from engm_fast.bench.measure import round_robin_times
 from engm_fast.ops import lstm as lstm_op
 
 SHAPES = [(32, 32, 256), (8, 128, 128), (64, 16, 512)]
 
 
-def _time(fn, min_seconds=0.1):
-    """Seconds per call: repeats fn until min_seconds have passed (after one warm-up call)."""
-    fn()
-    n, start = 0, time.perf_counter()
-    while True:
-        fn()
-        n += 1
-        elapsed = time.perf_counter() - start
-        if elapsed >= min_seconds:
-            return elapsed / n
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--iters", type=int, default=5, help="calls of each function per round")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=None, help="also write the rows as JSON")
     args = parser.parse_args(argv)
@@ -53,7 +43,7 @@ def main(argv=None):
     kernel = torch.ops.engm_fast
     rows = []
     print(f"{'B':>4} {'T':>4} {'H':>4}  {'fwd ref':>8} {'fwd C++':>8} {'fused':>8}  {'bwd ref':>8} {'bwd C++':>8}  "
-          f"(ms, median of {args.rounds} paired rounds, {torch.get_num_threads()} threads)")
+          f"(ms, median of {args.rounds} rounds, {torch.get_num_threads()} threads)")
     for B, T, H in SHAPES:
         g = torch.Generator().manual_seed(0)
         k = H ** -0.5
@@ -75,11 +65,8 @@ def main(argv=None):
             "bwd C++": lambda: kernel.lstm_recurrence_backward(None, grad_h, None, w_hh, None, acts, cells, tanh_c,
                                                                c0, False, False),
         }
-        times = {name: [] for name in fns}
         with torch.no_grad():
-            for _ in range(args.rounds):
-                for name, fn in fns.items():
-                    times[name].append(_time(fn) * 1e3)
+            times = round_robin_times(fns, torch.device("cpu"), args.rounds, args.iters)
         med = {name: statistics.median(t) for name, t in times.items()}
         med["fused"] -= med.pop("projection")   # the recurrence alone, as the other two
         print(f"{B:>4} {T:>4} {H:>4}  {med['fwd ref']:8.3f} {med['fwd C++']:8.3f} {med['fused']:8.3f}  "
@@ -87,7 +74,9 @@ def main(argv=None):
         rows.append({"B": B, "T": T, "H": H, **{k: round(v, 4) for k, v in med.items()}})
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"threads": torch.get_num_threads(), "rounds": args.rounds, "torch": torch.__version__,
+            json.dump({"threads": torch.get_num_threads(), "rounds": args.rounds, "iters": args.iters,
+                       "command": f"python benchmarks/bench_lstm_op.py --rounds {args.rounds} --iters {args.iters}",
+                       "torch": torch.__version__,
                        "unit": "ms", "rows": rows}, f, indent=1)
 
 

@@ -116,6 +116,7 @@ inline double tanh_of(double x) { return std::tanh(x); }
 // those [B, T, .] outputs (row strides h_stride, h_stride, m_stride).
 template <typename scalar_t>
 struct ForwardStep {
+  using scalar_type = scalar_t;
   const scalar_t* z;
   const scalar_t* gx;
   const scalar_t* bias;
@@ -132,7 +133,7 @@ struct ForwardStep {
 };
 
 template <typename scalar_t>
-ENGM_FAST_ALWAYS_INLINE void forward_rows(const ForwardStep<scalar_t>& s, int64_t r0, int64_t r1) {
+ENGM_FAST_ALWAYS_INLINE void step_rows(const ForwardStep<scalar_t>& s, int64_t r0, int64_t r1) {
   const int64_t H = s.H;
   for (int64_t b = r0; b < r1; ++b) {
     const scalar_t* z = s.z + b * 4 * H;
@@ -174,6 +175,7 @@ ENGM_FAST_ALWAYS_INLINE void forward_rows(const ForwardStep<scalar_t>& s, int64_
 // projection, adds grad_states_t to it), updates dc in place and writes dz_t.
 template <typename scalar_t>
 struct BackwardStep {
+  using scalar_type = scalar_t;
   const scalar_t* dm;  // [B, H] row stride dm_stride: dh (no projection) or dh W_hr
   int64_t dm_stride;
   const scalar_t* g_out;  // grad_states_t rows (stride g_stride), or null; added to dm (no projection)
@@ -189,7 +191,7 @@ struct BackwardStep {
 };
 
 template <typename scalar_t>
-ENGM_FAST_ALWAYS_INLINE void backward_rows(const BackwardStep<scalar_t>& s, int64_t r0, int64_t r1) {
+ENGM_FAST_ALWAYS_INLINE void step_rows(const BackwardStep<scalar_t>& s, int64_t r0, int64_t r1) {
   const int64_t H = s.H;
   for (int64_t b = r0; b < r1; ++b) {
     const scalar_t* dm = s.dm + b * s.dm_stride;
@@ -215,11 +217,11 @@ ENGM_FAST_ALWAYS_INLINE void backward_rows(const BackwardStep<scalar_t>& s, int6
 }
 
 #ifdef ENGM_FAST_X86_AVX2_CLONE
-__attribute__((target("avx2,fma"))) void forward_rows_avx2(const ForwardStep<float>& s, int64_t r0, int64_t r1) {
-  forward_rows(s, r0, r1);
+__attribute__((target("avx2,fma"))) void step_rows_avx2(const ForwardStep<float>& s, int64_t r0, int64_t r1) {
+  step_rows(s, r0, r1);
 }
-__attribute__((target("avx2,fma"))) void backward_rows_avx2(const BackwardStep<float>& s, int64_t r0, int64_t r1) {
-  backward_rows(s, r0, r1);
+__attribute__((target("avx2,fma"))) void step_rows_avx2(const BackwardStep<float>& s, int64_t r0, int64_t r1) {
+  step_rows(s, r0, r1);
 }
 // Whether to run the AVX2 + FMA passes: when the CPU has both, unless ENGM_FAST_CPU_ISA=baseline
 // is set (read once; the tests use it to run the baseline passes on an AVX2 machine).
@@ -235,33 +237,20 @@ bool cpu_has_avx2_fma() {
 }
 #endif
 
-template <typename scalar_t>
-void run_forward_rows(const ForwardStep<scalar_t>& s, int64_t B) {
+// One fused pass (ForwardStep or BackwardStep) over the B batch rows, split between threads; in
+// float32 the AVX2 + FMA version where the CPU has it.
+template <typename Step>
+void run_step(const Step& s, int64_t B) {
   at::parallel_for(0, B, rows_per_chunk(s.H), [&](int64_t r0, int64_t r1) {
 #ifdef ENGM_FAST_X86_AVX2_CLONE
-    if constexpr (std::is_same_v<scalar_t, float>) {
+    if constexpr (std::is_same_v<typename Step::scalar_type, float>) {
       if (cpu_has_avx2_fma()) {
-        forward_rows_avx2(s, r0, r1);
+        step_rows_avx2(s, r0, r1);
         return;
       }
     }
 #endif
-    forward_rows(s, r0, r1);
-  });
-}
-
-template <typename scalar_t>
-void run_backward_rows(const BackwardStep<scalar_t>& s, int64_t B) {
-  at::parallel_for(0, B, rows_per_chunk(s.H), [&](int64_t r0, int64_t r1) {
-#ifdef ENGM_FAST_X86_AVX2_CLONE
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      if (cpu_has_avx2_fma()) {
-        backward_rows_avx2(s, r0, r1);
-        return;
-      }
-    }
-#endif
-    backward_rows(s, r0, r1);
+    step_rows(s, r0, r1);
   });
 }
 
@@ -348,7 +337,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_recu
                               m_t,
                               T * H,
                               H};
-      run_forward_rows(s, B);
+      run_step(s, B);
       if (projected) {
         auto h_t = states.select(1, t);
         at::addmm_out(h_t, ph_in->select(1, t), m.select(1, t), w_hr_t);
@@ -442,7 +431,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_recurrence_backw
                                dc.data_ptr<scalar_t>(),
                                dz.data_ptr<scalar_t>() + t * G,
                                H};
-      run_backward_rows(s, B);
+      run_step(s, B);
       if (!first_in_time || need_h0) {
         at::mm_out(dh, dz.select(1, t), w_hh);
       }
