@@ -61,11 +61,11 @@ TOLERANCE = {torch.float64: 1e-13, torch.float32: 4e-6, torch.bfloat16: 3e-2, to
 _KERNEL_DTYPES = (torch.float32, torch.float64)
 
 
-def _check_tensors(op: str, named: dict, like: torch.Tensor, like_name: str) -> None:
-    """Each ``name: (tensor, shape)`` of ``named`` (``None`` tensors skipped) is a tensor of that
-    shape (``ValueError``) in ``like``'s dtype on its device (``TypeError``)."""
+def _check_tensors(op: str, named: dict, like: torch.Tensor, like_name: str, required: tuple[str, ...]) -> None:
+    """Each ``name: (tensor, shape)`` of ``named`` is a tensor of that shape (``ValueError``) in
+    ``like``'s dtype on its device (``TypeError``); those not in ``required`` may be ``None``."""
     for name, (t, shape) in named.items():
-        if t is None:
+        if t is None and name not in required:
             continue
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
@@ -128,7 +128,7 @@ def lstm_recurrence(gx: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_hh: 
     if (w_hr is None) != (ph is None):
         raise ValueError(f"{op}: w_hr and ph come together (a projection) or not at all")
     _check_tensors(op, {"h0": (h0, (B, H_out)), "c0": (c0, (B, H)), "w_hh": (w_hh, (G, H_out)), "b_hh": (b_hh, (G,)),
-                        "w_hr": (w_hr, (H_out, H)), "ph": (ph, (B, T, H_out))}, gx, "gx")
+                        "w_hr": (w_hr, (H_out, H)), "ph": (ph, (B, T, H_out))}, gx, "gx", ("h0", "c0"))
     with torch.no_grad():
         if _native(gx):
             return torch.ops.engm_fast.lstm_recurrence(gx, h0, c0, w_hh, b_hh, w_hr, ph, bool(reverse))
@@ -153,13 +153,10 @@ def lstm_recurrence_backward(grad_states: torch.Tensor | None, grad_h: torch.Ten
     """
     op = "lstm_recurrence_backward"
     B, T, G, H, H_out = _check_layer(op, acts, "acts", w_hh, w_hr)
-    for name, t in (("cells", cells), ("tanh_cells", tanh_cells), ("c0", c0)):
-        if t is None:
-            raise TypeError(f"{op}: {name} must be a tensor (what lstm_recurrence returned), got None")
     _check_tensors(op, {"cells": (cells, (B, T, H)), "tanh_cells": (tanh_cells, (B, T, H)), "c0": (c0, (B, H)),
                         "w_hh": (w_hh, (G, H_out)), "w_hr": (w_hr, (H_out, H)),
                         "grad_states": (grad_states, (B, T, H_out)), "grad_h": (grad_h, (B, H_out)),
-                        "grad_c": (grad_c, (B, H))}, acts, "acts")
+                        "grad_c": (grad_c, (B, H))}, acts, "acts", ("cells", "tanh_cells", "c0"))
     with torch.no_grad():
         if _native(acts):
             return torch.ops.engm_fast.lstm_recurrence_backward(grad_states, grad_h, grad_c, w_hh, w_hr, acts, cells,
