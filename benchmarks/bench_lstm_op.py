@@ -37,9 +37,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if not _backend._native_has("CPU"):
-        raise SystemExit(f"engm_fast._C is not built ({_backend.native_import_error()}): "
-                         "pip install --no-build-isolation -e .")
+    if not _backend._native_has("CPU", "lstm_recurrence"):
+        why = _backend.native_import_error() or "it was built before the LSTM kernel"
+        raise SystemExit(f"engm_fast._C has no LSTM recurrence kernel ({why}): pip install --no-build-isolation -e .")
     kernel = torch.ops.engm_fast
     rows = []
     print(f"{'B':>4} {'T':>4} {'H':>4}  {'fwd ref':>8} {'fwd C++':>8} {'fused':>8}  {'bwd ref':>8} {'bwd C++':>8}  "

@@ -181,7 +181,7 @@ def _backpack(model, lr, momentum):
     bn = _batchnorm_in(model)
     if bn and model.training:
         raise Unsupported(f"BatchL2Grad refuses {', '.join(bn)} in train mode (it mixes the examples)")
-    skipped = _has(model, (nn.LayerNorm, nn.GroupNorm, nn.Embedding, nn.MultiheadAttention, nn.LSTM))
+    skipped = _has(model, (nn.LayerNorm, nn.GroupNorm, nn.Embedding, nn.MultiheadAttention, nn.RNNBase))
     if skipped:
         raise Unsupported(f"BatchL2Grad has no rule for {', '.join(skipped)} (it would skip their parameters)")
     others = sorted({type(m).__name__ for m in model.modules() if any(True for _ in m.parameters(recurse=False))

@@ -20,7 +20,8 @@ Model code nobody here wrote (the real-model cases; transformers is imported whe
 * :func:`bert_classifier`, :func:`vit_classifier`, :func:`convnext_classifier`:
   ``BertForSequenceClassification``, ``ViTForImageClassification`` (class token, position
   embeddings), ``ConvNextForImageClassification`` (channels-first LayerNorm, layer scale);
-* :func:`lstm_classifier`: Embedding, ``nn.LSTM``, Linear on the last hidden state;
+* :func:`recurrent_classifier` (:func:`lstm_classifier`): Embedding, ``nn.LSTM`` / ``nn.GRU`` /
+  ``nn.RNN``, Linear on the last hidden state;
 * :func:`encoder_layer_classifier`: Embedding, ``nn.TransformerEncoderLayer`` (its
   ``nn.MultiheadAttention``), mean-pooled Linear.
 
@@ -44,7 +45,7 @@ from torch import nn
 
 __all__ = ["NORMS", "PreLNMLPBlock", "TransformerBlock", "bert_classifier", "cnn32", "convnext_classifier",
            "encoder_layer_classifier", "gpt2_lm", "llama_lm", "lstm_classifier", "mlp", "per_example_loss",
-           "resnet18", "sequence_loss", "vit_classifier"]
+           "recurrent_classifier", "resnet18", "sequence_loss", "vit_classifier"]
 
 NORMS = ("batch", "group")
 
@@ -293,27 +294,43 @@ def convnext_classifier(widths=(64, 128), depths=(1, 1), image: int = 32, classe
     return _Logits(tf.ConvNextForImageClassification(cfg), "pixel_values", lm=False)
 
 
-class _LSTMClassifier(nn.Module):
-    def __init__(self, vocab, d, layers, classes):
+class _RecurrentClassifier(nn.Module):
+    def __init__(self, cell, vocab, d, layers, classes):
         super().__init__()
         self.emb = nn.Embedding(vocab, d)
-        self.rnn = nn.LSTM(d, d, num_layers=layers, batch_first=True)
+        self.rnn = getattr(nn, cell)(d, d, num_layers=layers, batch_first=True)
         self.head = nn.Linear(d, classes)
 
     def forward(self, tokens):
-        _, (h, _) = self.rnn(self.emb(tokens))
+        _, h = self.rnn(self.emb(tokens))
+        h = h[0] if isinstance(h, tuple) else h   # LSTM: (h_n, c_n)
         return self.head(h[-1])
 
 
+def recurrent_classifier(cell: str = "LSTM", vocab: int = 1000, d: int = 256, layers: int = 1,
+                         classes: int = 10) -> nn.Module:
+    """Embedding, ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` (``cell``, batch first), Linear on the last
+    layer's final hidden state.
+
+    Example::
+
+        >>> recurrent_classifier("GRU", 50, 16)(torch.zeros(2, 7, dtype=torch.long)).shape
+        torch.Size([2, 10])
+    """
+    if cell not in ("LSTM", "GRU", "RNN"):
+        raise ValueError(f"recurrent_classifier: cell must be 'LSTM', 'GRU' or 'RNN', got {cell!r}")
+    return _RecurrentClassifier(cell, vocab, d, layers, classes)
+
+
 def lstm_classifier(vocab: int = 1000, d: int = 256, layers: int = 1, classes: int = 10) -> nn.Module:
-    """Embedding, ``nn.LSTM`` (batch first), Linear on the last layer's final hidden state.
+    """:func:`recurrent_classifier` with ``nn.LSTM``.
 
     Example::
 
         >>> lstm_classifier(50, 16)(torch.zeros(2, 7, dtype=torch.long)).shape
         torch.Size([2, 10])
     """
-    return _LSTMClassifier(vocab, d, layers, classes)
+    return recurrent_classifier("LSTM", vocab, d, layers, classes)
 
 
 class _EncoderClassifier(nn.Module):

@@ -38,7 +38,7 @@ from .._text import format_table as format_columns
 from . import methods as M
 from .measure import median_ratio, peak_step_memory, round_robin_times
 from .models import (TransformerBlock, bert_classifier, cnn32, convnext_classifier, encoder_layer_classifier, gpt2_lm,
-                     llama_lm, lstm_classifier, mlp, resnet18, vit_classifier)
+                     llama_lm, lstm_classifier, mlp, recurrent_classifier, resnet18, vit_classifier)
 
 __all__ = ["CASES", "Case", "amortize_proxy", "cases_for", "format_table", "run"]
 
@@ -98,6 +98,10 @@ def real_model_cases(quick: bool) -> list[Case]:
         Case("vit", lambda: vit_classifier(d, 2, heads, image=image, patch=4), _images(B, H=image),
              note=f"ViTForImageClassification, 2 layers, width {d}, {(image // 4) ** 2 + 1} tokens, B={B}"),
         Case("lstm", lambda: lstm_classifier(vocab, d), _tokens(B, T, vocab), note=f"Embedding + nn.LSTM, {size}"),
+        Case("gru", lambda: recurrent_classifier("GRU", vocab, d), _tokens(B, T, vocab),
+             note=f"Embedding + nn.GRU, {size}"),
+        Case("rnn", lambda: recurrent_classifier("RNN", vocab, d), _tokens(B, T, vocab),
+             note=f"Embedding + nn.RNN (tanh), {size}"),
         Case("encoder_layer", lambda: encoder_layer_classifier(vocab, d, heads, batch_first=False),
              _tokens(B, T, vocab), note=f"nn.TransformerEncoderLayer (time-major), {size}"),
         Case("convnext", lambda: convnext_classifier((d // 4, d // 2), (1, 1), image), _images(B, H=image),
